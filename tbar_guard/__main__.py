@@ -1,0 +1,3 @@
+from tbar_guard.cli import main
+
+main()
