@@ -1,0 +1,174 @@
+"""The Typer CLI: the only module that prints or exits. Exit codes: tbar_guard.exit_codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tbar_guard import __version__
+from tbar_guard.errors import TbarGuardError, UsageError
+from tbar_guard.exit_codes import ExitCode
+
+# Click reports bad arguments with exit code 2, which is tbar-guard's "error" code. The CI
+# contract says usage problems exit 4, so every click usage error uses that code.
+click.exceptions.UsageError.exit_code = int(ExitCode.USAGE)
+
+app = typer.Typer(
+    name="tbar-guard",
+    help="Model-security gate for CLIP models: detect backdoors, remove them with TBAR, register the result.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold credentials
+    add_completion=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+StageProgress = Callable[[str, int, int], None]
+
+
+@contextmanager
+def _progress() -> Iterator[StageProgress]:
+    """A rich progress display with one bar per stage name (stderr, so stdout stays clean)."""
+    columns = (
+        TextColumn("{task.description:<14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=False, disable=not err_console.is_terminal) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=max(total, done))
+
+        yield update
+
+
+def _fail(exc: TbarGuardError) -> typer.Exit:
+    message = str(exc.message)
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    problems = getattr(exc, "problems", ())
+    for problem in problems:
+        err_console.print(f"  - {problem}", markup=False, highlight=False, soft_wrap=True)
+    if exc.hint:
+        err_console.print(f"hint: {exc.hint}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(int(exc.exit_code))
+
+
+def _guard(run: Callable[[], ExitCode]) -> None:
+    """Run a command body; map errors to exit codes (fail closed: never exit 0 on an exception)."""
+    try:
+        code = run()
+    except TbarGuardError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted: nothing was written or registered", highlight=False)
+        raise typer.Exit(int(ExitCode.ERROR)) from None
+    except Exception as exc:  # an unexpected crash is an error verdict, never "clean"
+        if os.environ.get("TBAR_GUARD_DEBUG"):
+            raise
+        err_console.print(
+            f"internal error: {type(exc).__name__}: {exc} (set TBAR_GUARD_DEBUG=1 for the traceback)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(int(ExitCode.ERROR)) from None
+    raise typer.Exit(int(code))
+
+
+def _print_summary(report: dict[str, Any], out: Path | None) -> None:
+    verdict = str(report["verdict"])
+    colour = {"clean": "green", "removed": "yellow", "unremoved": "red", "backdoor": "red"}.get(verdict, "white")
+    out_console.print(f"verdict: [bold {colour}]{verdict}[/]  {report['reason']}", highlight=False)
+    if "before" in report and "after" in report:
+        table = Table(title="test split")
+        table.add_column("")
+        table.add_column("clean accuracy", justify="right")
+        table.add_column("attack success rate", justify="right")
+        for row in ("before", "after"):
+            m = report[row]
+            asr = m.get("attack_success_rate")
+            table.add_row(row, f"{100 * m['clean_accuracy']:.1f}%", "n/a" if asr is None else f"{100 * asr:.1f}%")
+        out_console.print(table)
+    if "alpha" in report:
+        out_console.print(f"alpha: {report['alpha']:g}", highlight=False)
+    if out is not None:
+        out_console.print(f"report: {out / 'report.md'}", highlight=False)
+        if report.get("output"):
+            out_console.print(f"sanitized model: {report['output']['path']}", highlight=False)
+
+
+@app.command()
+def sanitize(
+    model: Annotated[Path, typer.Option(help="Model bundle directory (or a weights file with --arch).")],
+    data: Annotated[Path, typer.Option(help="Clean images: a folder of class sub-folders, or .npz with x, y.")],
+    trigger: Annotated[str, typer.Option(help="Trigger spec: 'badnet:size=3', inline JSON, or a YAML file.")],
+    target: Annotated[str, typer.Option(help="Target class of the backdoor (name or index).")],
+    out: Annotated[Path, typer.Option(help="Output directory (must not exist).")],
+    policy: Annotated[Path | None, typer.Option(help="YAML policy (defaults if omitted).")] = None,
+    arch: Annotated[str | None, typer.Option(help="open_clip architecture name, when --model is a weights file.")] = None,
+    classes: Annotated[Path | None, typer.Option(help="JSON zero-shot task (classnames, templates) for --arch.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (overrides the policy).")] = None,
+) -> None:
+    """Remove a known backdoor with TBAR and choose alpha against the policy."""
+
+    def run() -> ExitCode:
+        from tbar_guard.attacks import parse_trigger
+        from tbar_guard.pipeline import sanitize as run_sanitize
+        from tbar_guard.policy import load_policy
+
+        pol = load_policy(policy)
+        spec = parse_trigger(trigger)
+        with _progress() as progress:
+            result = run_sanitize(model, data, pol, spec, target, out, arch, classes, progress, device)
+        _print_summary(result.report, result.out)
+        return result.exit_code
+
+    _guard(run)
+
+
+@app.command("init-policy")
+def init_policy(
+    out: Annotated[Path | None, typer.Argument(help="Where to write the policy; stdout if omitted.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write the commented default policy."""
+
+    def run() -> ExitCode:
+        from tbar_guard.policy import DEFAULT_POLICY_YAML
+
+        if out is None:
+            sys.stdout.write(DEFAULT_POLICY_YAML)
+            return ExitCode.CLEAN
+        if out.exists() and not force:
+            raise UsageError(f"{out} already exists", hint="pass --force to overwrite")
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(DEFAULT_POLICY_YAML, encoding="utf-8")
+        os.replace(tmp, out)
+        err_console.print(f"wrote {out}", highlight=False)
+        return ExitCode.CLEAN
+
+    _guard(run)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out_console.print(__version__, highlight=False)
+
+
+def main() -> None:
+    app()

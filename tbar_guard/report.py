@@ -1,0 +1,178 @@
+"""Reports: one JSON-able dict per run, rendered to report.json, report.md and an α-sweep plot.
+
+Pure formatting: no model work here. ``write_report`` writes into a directory the caller owns
+(normally the atomic output directory).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tbar_guard import __version__
+from tbar_guard.sanitize import Removal, SweepPoint
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+SWEEP_PNG = "alpha_sweep.png"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def sweep_json(points: Sequence[SweepPoint]) -> list[dict[str, Any]]:
+    return [
+        {
+            "alpha": p.alpha,
+            "clean_accuracy": p.clean_accuracy,
+            "attack_success_rate": p.attack_success_rate,
+            "feasible": p.feasible,
+        }
+        for p in points
+    ]
+
+
+def removal_json(removal: Removal) -> dict[str, Any]:
+    """The TBAR part of a report (shared by ``sanitize`` and ``gate``)."""
+    return {
+        "alpha": removal.alpha,
+        "before": removal.before.to_json(),
+        "after": removal.after.to_json(),
+        "val_before": removal.val_before.to_json(),
+        "alpha_sweep": sweep_json(removal.choice.sweep) if removal.choice else [],
+        "forget_size": removal.forget_size,
+        "trigger_vector_norm": removal.trigger_vector_norm,
+        "trigger_vector_relative_norm": removal.relative_norm,
+        "finetune_steps": removal.finetune_steps,
+    }
+
+
+def base_report(command: str, verdict: str, exit_code: int, reason: str) -> dict[str, Any]:
+    return {
+        "tool": "tbar-guard",
+        "version": __version__,
+        "command": command,
+        "verdict": verdict,
+        "exit_code": exit_code,
+        "reason": reason,
+        "created_at": now_iso(),
+    }
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * float(value):.1f}%"
+
+
+def to_markdown(report: Mapping[str, Any]) -> str:
+    """Human-readable report; every number comes from ``report``."""
+    lines = [f"# tbar-guard {report['command']}: **{report['verdict'].upper()}**", "", str(report["reason"]), ""]
+    model = report.get("model", {})
+    if model:
+        lines += [f"- model: `{model.get('source')}` (sha256 `{model.get('sha256')}`)"]
+    output = report.get("output")
+    if output:
+        lines += [f"- sanitized model: `{output.get('path')}` (sha256 `{output.get('sha256')}`)"]
+    if report.get("trigger_description"):
+        lines += [f"- trigger: `{report['trigger_description']}`"]
+    target = report.get("target")
+    if target:
+        lines += [f"- target class: {target['index']} ({target['name']})"]
+    if "alpha" in report:
+        lines += [f"- chosen alpha: {report['alpha']:g}"]
+    policy = report.get("policy", {})
+    if policy:
+        accept = policy.get("accept", {})
+        lines += [
+            f"- policy: CA floor {accept.get('ca_floor')} x original, ASR ceiling {accept.get('asr_ceiling')} "
+            f"(sha256 `{report.get('policy_sha256', '')[:16]}`)"
+        ]
+    if "before" in report and "after" in report:
+        before, after = report["before"], report["after"]
+        kept = after["clean_accuracy"] / before["clean_accuracy"] if before["clean_accuracy"] else 0.0
+        lines += [
+            "",
+            "## Before / after (test split)",
+            "",
+            "| | clean accuracy | attack success rate |",
+            "|---|---|---|",
+            f"| before | {_pct(before['clean_accuracy'])} | {_pct(before['attack_success_rate'])} |",
+            f"| after | {_pct(after['clean_accuracy'])} | {_pct(after['attack_success_rate'])} |",
+            "",
+            f"Clean accuracy kept: {kept:.3f} of the original.",
+        ]
+    sweep = report.get("alpha_sweep") or []
+    if sweep:
+        lines += [
+            "",
+            "## Alpha sweep (validation split; the test split never chooses alpha)",
+            "",
+            "| alpha | clean accuracy | attack success rate | meets CA floor |",
+            "|---|---|---|---|",
+        ]
+        for p in sweep:
+            mark = " **(chosen)**" if p["alpha"] == report.get("alpha") else ""
+            lines.append(
+                f"| {p['alpha']:g}{mark} | {_pct(p['clean_accuracy'])} | {_pct(p['attack_success_rate'])} | "
+                f"{'yes' if p['feasible'] else 'no'} |"
+            )
+        if report.get("pictures", {}).get("alpha_sweep"):
+            lines += ["", f"![alpha sweep]({report['pictures']['alpha_sweep']})"]
+    detection = report.get("detection")
+    if detection:
+        lines += ["", "## Detection", ""]
+        for key, value in detection.items():
+            if not isinstance(value, (dict, list)):
+                lines.append(f"- {key}: {value}")
+    pictures = {k: v for k, v in report.get("pictures", {}).items() if k != "alpha_sweep"}
+    if pictures:
+        lines += ["", "## Evidence pictures", ""] + [f"![{name}]({path})" for name, path in pictures.items()]
+    timings = report.get("timings", {})
+    if timings:
+        lines += ["", "## Timings", ""] + [f"- {k}: {v:.1f} s" for k, v in timings.items()]
+    lines += ["", f"tbar-guard {report['version']}, seed {report.get('seed')}, device {report.get('device')}, "
+              f"{report['created_at']}", ""]
+    return "\n".join(lines)
+
+
+def plot_sweep(sweep: Sequence[Mapping[str, Any]], chosen: float | None, path: Path) -> Path:
+    """CA and ASR against α (validation split)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = [p["alpha"] for p in sweep]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot(alphas, [p["clean_accuracy"] for p in sweep], "o-", label="clean accuracy")
+    ax.plot(alphas, [p["attack_success_rate"] for p in sweep], "s-", label="attack success rate")
+    if chosen is not None:
+        ax.axvline(chosen, color="gray", linestyle="--", label=f"chosen alpha {chosen:g}")
+    ax.set_xlabel("alpha")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title("TBAR alpha sweep (validation)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(directory: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Write report.json + report.md (+ the sweep plot) into ``directory``; returns the final report."""
+    directory.mkdir(parents=True, exist_ok=True)
+    report = dict(report)
+    pictures = dict(report.get("pictures", {}))
+    if report.get("alpha_sweep"):
+        plot_sweep(report["alpha_sweep"], report.get("alpha"), directory / SWEEP_PNG)
+        pictures["alpha_sweep"] = SWEEP_PNG
+    report["pictures"] = pictures
+    (directory / REPORT_JSON).write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    (directory / REPORT_MD).write_text(to_markdown(report), encoding="utf-8")
+    return report
