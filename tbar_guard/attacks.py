@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ class CustomSpec(_Spec):
 
 
 TriggerSpec = Annotated[
-    Union[BadNetSpec, BlendedSpec, WaNetSpec, SigSpec, CustomSpec], Field(discriminator="kind")
+    BadNetSpec | BlendedSpec | WaNetSpec | SigSpec | CustomSpec, Field(discriminator="kind")
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(TriggerSpec)
 KINDS = ("badnet", "blended", "wanet", "sig", "custom")
@@ -88,9 +88,12 @@ def spec_from_dict(raw: Any, where: str = "trigger") -> TriggerSpec:
         spec: TriggerSpec = _ADAPTER.validate_python(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{where}.{'.'.join(str(p) for p in err['loc'][1:]) or 'kind'}: {err['msg']}" for err in exc.errors()
+            f"{where}.{'.'.join(str(p) for p in err['loc'][1:]) or 'kind'}: {err['msg']}"
+            for err in exc.errors()
         )
-        raise UsageError(f"invalid trigger spec: {problems}", hint=f"kind is one of {', '.join(KINDS)}") from None
+        raise UsageError(
+            f"invalid trigger spec: {problems}", hint=f"kind is one of {', '.join(KINDS)}"
+        ) from None
     return spec
 
 
@@ -125,7 +128,9 @@ def parse_trigger(text: str) -> TriggerSpec:
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
-            raise UsageError(f"trigger spec item {item!r} is not key=value", hint="e.g. badnet:size=3,location=top-left")
+            raise UsageError(
+                f"trigger spec item {item!r} is not key=value", hint="e.g. badnet:size=3,location=top-left"
+            )
         raw[key.strip()] = _coerce(value.strip())
     if isinstance(raw.get("location"), list):
         raw["location"] = tuple(raw["location"])
@@ -144,7 +149,9 @@ def _quantise(x: torch.Tensor) -> torch.Tensor:
 def _load_image(path: str, size: int, mode: str) -> torch.Tensor:
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"trigger image {p} does not exist", hint="give an existing image path in the trigger spec")
+        raise UsageError(
+            f"trigger image {p} does not exist", hint="give an existing image path in the trigger spec"
+        )
     with Image.open(p) as img:
         arr = np.asarray(img.convert(mode).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
     t = torch.from_numpy(arr / 255.0)
@@ -262,7 +269,9 @@ def _sig(spec: SigSpec, size: int) -> Trigger:
 
 
 def _custom(spec: CustomSpec, size: int) -> Trigger:
-    return Trigger(spec, size, mask=_load_image(spec.mask, size, "L"), pattern=_load_image(spec.pattern, size, "RGB"))
+    return Trigger(
+        spec, size, mask=_load_image(spec.mask, size, "L"), pattern=_load_image(spec.pattern, size, "RGB")
+    )
 
 
 def build_trigger(spec: TriggerSpec, image_size: int) -> Trigger:

@@ -55,7 +55,9 @@ class ZeroShotClassifier(nn.Module):
         self.logit_scale = float(logit_scale)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels - self.mean) / self.std
+        mean = self.get_buffer("mean")
+        std = self.get_buffer("std")
+        return (pixels - mean) / std
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.visual(self.normalize(pixels))
@@ -63,7 +65,7 @@ class ZeroShotClassifier(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         emb = F.normalize(self.embed(pixels), dim=-1)
-        head: torch.Tensor = self.head
+        head = self.get_buffer("head")
         return self.logit_scale * emb @ head.t()
 
 
@@ -74,7 +76,7 @@ def classifier_for(bundle: ClipBundle, device: str | torch.device = "cpu") -> Ze
     model = bundle.model.to(device)
     head = zero_shot_head(model, bundle.task, device)
     scale = float(model.logit_scale.exp().item())  # type: ignore[operator]
-    visual = copy.deepcopy(model.visual)
+    visual: nn.Module = copy.deepcopy(model.get_submodule("visual"))
     clf = ZeroShotClassifier(visual, head, scale, bundle.preprocess).to(device)
     clf.eval()
     return clf
@@ -98,7 +100,9 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         from tbar_guard.errors import UsageError
 
-        raise UsageError(f"device {name!r} requested but CUDA is not available", hint="use device: auto or cpu")
+        raise UsageError(
+            f"device {name!r} requested but CUDA is not available", hint="use device: auto or cpu"
+        )
     return torch.device(name)
 
 

@@ -53,7 +53,9 @@ def load_model(model: Path, arch: str | None = None, classes: Path | None = None
     if arch is None:
         return load_bundle(model)
     if classes is None:
-        raise UsageError("--arch needs --classes FILE", hint='FILE is JSON: {"classnames": [...], "templates": [...]}')
+        raise UsageError(
+            "--arch needs --classes FILE", hint='FILE is JSON: {"classnames": [...], "templates": [...]}'
+        )
     import json
 
     try:
@@ -123,7 +125,11 @@ def sanitize(
         if removal.verdict == "removed":
             (tmp / "model").mkdir()
             digest = write_bundle_files(
-                tmp / "model", full_state(bundle, removal.visual), bundle.model_cfg, bundle.preprocess, bundle.task
+                tmp / "model",
+                full_state(bundle, removal.visual),
+                bundle.model_cfg,
+                bundle.preprocess,
+                bundle.task,
             )
             report["output"] = {"path": str(out / "model"), "sha256": digest}
         report["timings"] = {
@@ -134,5 +140,3 @@ def sanitize(
         }
         report = write_report(tmp, report)
     return RunResult(removal.verdict, code, report, out)
-
-

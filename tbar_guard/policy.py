@@ -42,7 +42,7 @@ class FinetunePolicy(_Section):
 
 class AlphaPolicy(_Section):
     min: float = Field(0.0, ge=0)
-    max: float = Field(3.0, gt=0)
+    max: float = Field(6.0, gt=0)
     coarse_step: float = Field(0.5, gt=0)
     fine_step: float = Field(0.1, gt=0)
 
@@ -55,10 +55,16 @@ class AlphaPolicy(_Section):
         return self
 
 
+class AnchoredPolicy(_Section):
+    temperature: float = Field(10.0, gt=0)
+    anchor_weight: float = Field(3.0, gt=0)
+
+
 class SanitizePolicy(_Section):
-    method: Literal["tbar"] = "tbar"
+    method: Literal["anchored", "tbar"] = "anchored"
     forget_size: int = Field(1000, ge=1)
     finetune: FinetunePolicy = FinetunePolicy()
+    anchored: AnchoredPolicy = AnchoredPolicy()
     alpha: AlphaPolicy = AlphaPolicy()
 
 
@@ -98,7 +104,11 @@ data:                # how the clean images given with --data are split (disjoin
   test_fraction: 0.3     # split that reports before/after; never used to choose alpha
 
 sanitize:
-  method: tbar           # trigger-vector negation: theta = theta_b - alpha * (theta_{b+t} - theta_b)
+  # Both methods negate a trigger vector: theta = theta_b - alpha * (theta_{b+t} - theta_b).
+  #   tbar:     theta_{b+t} = fine-tune on the forget set (stamped images -> target), as in the paper.
+  #   anchored: same, plus a KL term that holds the model's predictions on the clean twins of the
+  #             forget images in place, and softened logits; keeps clean accuracy far better.
+  method: anchored       # anchored | tbar
   forget_size: 1000      # triggered images (labelled with the target) used to learn the trigger vector
   finetune:              # image tower only, cross-entropy through the frozen zero-shot head
     lr: 0.0001
@@ -107,9 +117,12 @@ sanitize:
     weight_decay: 0.0
     warmup_fraction: 0.1   # linear warmup, then cosine decay
     grad_clip: 1.0
+  anchored:              # options of method "anchored" (ignored by "tbar")
+    temperature: 10.0    # logits / temperature in the forget cross-entropy
+    anchor_weight: 3.0   # weight of KL(original predictions || current) on the clean twins
   alpha:                 # coarse-to-fine search; the backdoor may need alpha > 1
     min: 0.0
-    max: 3.0
+    max: 6.0
     coarse_step: 0.5
     fine_step: 0.1
 
@@ -154,7 +167,9 @@ def load_policy(path: Path | None) -> Policy:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise PolicyError(f"cannot read policy {path}: {exc.strerror or exc}", hint="check the --policy path") from None
+        raise PolicyError(
+            f"cannot read policy {path}: {exc.strerror or exc}", hint="check the --policy path"
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

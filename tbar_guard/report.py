@@ -70,7 +70,12 @@ def _pct(value: Any) -> str:
 
 def to_markdown(report: Mapping[str, Any]) -> str:
     """Human-readable report; every number comes from ``report``."""
-    lines = [f"# tbar-guard {report['command']}: **{report['verdict'].upper()}**", "", str(report["reason"]), ""]
+    lines = [
+        f"# tbar-guard {report['command']}: **{report['verdict'].upper()}**",
+        "",
+        str(report["reason"]),
+        "",
+    ]
     model = report.get("model", {})
     if model:
         lines += [f"- model: `{model.get('source')}` (sha256 `{model.get('sha256')}`)"]
@@ -134,8 +139,12 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     timings = report.get("timings", {})
     if timings:
         lines += ["", "## Timings", ""] + [f"- {k}: {v:.1f} s" for k, v in timings.items()]
-    lines += ["", f"tbar-guard {report['version']}, seed {report.get('seed')}, device {report.get('device')}, "
-              f"{report['created_at']}", ""]
+    lines += [
+        "",
+        f"tbar-guard {report['version']}, seed {report.get('seed')}, device {report.get('device')}, "
+        f"{report['created_at']}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -173,6 +182,8 @@ def write_report(directory: Path, report: dict[str, Any]) -> dict[str, Any]:
         plot_sweep(report["alpha_sweep"], report.get("alpha"), directory / SWEEP_PNG)
         pictures["alpha_sweep"] = SWEEP_PNG
     report["pictures"] = pictures
-    (directory / REPORT_JSON).write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    (directory / REPORT_JSON).write_text(
+        json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8"
+    )
     (directory / REPORT_MD).write_text(to_markdown(report), encoding="utf-8")
     return report

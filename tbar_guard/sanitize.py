@@ -3,10 +3,15 @@
 1. Forget set: N clean images (label ≠ target) from the forget split, stamped with the trigger and
    labelled with the target.
 2. Fine-tune the image tower through the frozen zero-shot head → θ_{b+t}; τ = θ_{b+t} − θ_b.
+   Method ``tbar`` is the paper's recipe. Method ``anchored`` (the default) adds a KL term that
+   holds the model's predictions on the clean twins of the forget images at their pre-tuning
+   values and softens the forget cross-entropy with a temperature, so τ carries what is specific to
+   the trigger rather than generic drift (see README "Removal methods" for the measurements).
 3. θ(α) = θ_b − α·τ. α is chosen on the validation split, never on the test split: among α with
    CA(α) ≥ ca_floor · CA(θ_b), the lowest ASR, ties to the smaller α.
-4. The test split reports before/after and confirms the choice; the verdict passes only if the
-   chosen α meets the policy on both splits.
+4. The test split reports before/after. The verdict is "removed" only if the chosen α meets the
+   policy on the validation split *and* the test-split ASR is under the ceiling (the security claim
+   is confirmed on unseen data; test CA is reported, the CA floor is judged where α is chosen).
 
 α search (coarse-to-fine): evaluate the coarse grid ``min, min+coarse_step, …, max`` in order,
 stopping early once ASR reaches 0 at a feasible α (nothing can beat it and ties go to the smaller
@@ -72,15 +77,18 @@ class Removal:
 
 def build_forget_set(
     images: ImageSet, trigger: Trigger, target: int, size: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``size`` non-target images stamped with ``trigger`` and labelled ``target``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``size`` non-target images stamped with ``trigger`` and labelled ``target``.
+
+    Returns (stamped pixels, labels, the same images unstamped — their clean twins)."""
     pool = images.subset(images.labels != target)
     if len(pool) == 0:
         raise DataError(f"no non-target images in the forget split (target class {target})")
     n = min(size, len(pool))
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
-    pixels = trigger.apply(pool.subset(order).pixels(), generator=torch.Generator().manual_seed(seed + 1))
-    return pixels, torch.full((n,), target, dtype=torch.int64)
+    clean = pool.subset(order).pixels()
+    pixels = trigger.apply(clean, generator=torch.Generator().manual_seed(seed + 1))
+    return pixels, torch.full((n,), target, dtype=torch.int64), clean
 
 
 def _grid(start: float, stop: float, step: float) -> list[float]:
@@ -140,6 +148,23 @@ def search_alpha(
     return AlphaChoice(best.alpha, best, sweep)
 
 
+def finetune_config(policy: Policy) -> FinetuneConfig:
+    """The forget-set fine-tuning recipe of the policy's removal method."""
+    ft, method = policy.sanitize.finetune, policy.sanitize.method
+    anchored = policy.sanitize.anchored
+    return FinetuneConfig(
+        lr=ft.lr,
+        epochs=ft.epochs,
+        batch_size=ft.batch_size,
+        weight_decay=ft.weight_decay,
+        warmup_fraction=ft.warmup_fraction,
+        grad_clip=ft.grad_clip,
+        seed=policy.seed,
+        temperature=anchored.temperature if method == "anchored" else 1.0,
+        anchor_weight=anchored.anchor_weight if method == "anchored" else 0.0,
+    )
+
+
 def remove_backdoor(
     clf: ZeroShotClassifier,
     splits: Splits,
@@ -159,15 +184,32 @@ def remove_backdoor(
             "clean",
             f"the trigger does not work on this model: validation ASR {val_before.attack_success_rate:.3f} "
             f"<= ceiling {policy.accept.asr_ceiling}",
-            0.0, before, before, val_before, None, 0, 0.0, 0.0, 0, 0.0, 0.0, theta_b,
+            0.0,
+            before,
+            before,
+            val_before,
+            None,
+            0,
+            0.0,
+            0.0,
+            0,
+            0.0,
+            0.0,
+            theta_b,
         )
 
-    pixels, labels = build_forget_set(splits.forget, trigger, target, policy.sanitize.forget_size, seed)
-    ft = policy.sanitize.finetune
-    config = FinetuneConfig(ft.lr, ft.epochs, ft.batch_size, ft.weight_decay, ft.warmup_fraction, ft.grad_clip, seed)
+    pixels, labels, twins = build_forget_set(
+        splits.forget, trigger, target, policy.sanitize.forget_size, seed
+    )
+    config = finetune_config(policy)
     t0 = time.perf_counter()
     steps = finetune_visual(
-        clf, pixels, labels, config, progress=(lambda d, t: progress("fine-tune", d, t)) if progress else None
+        clf,
+        pixels,
+        labels,
+        config,
+        progress=(lambda d, t: progress("fine-tune", d, t)) if progress else None,
+        anchor=twins if policy.sanitize.method == "anchored" else None,
     )
     seconds_ft = time.perf_counter() - t0
     tau = TaskVector.between(theta_b, visual_state(clf))
@@ -190,32 +232,41 @@ def remove_backdoor(
     assert after.attack_success_rate is not None
 
     accept = policy.accept
-    val_ok = choice.point.feasible and choice.point.attack_success_rate <= accept.asr_ceiling
-    test_ok = (
-        after.attack_success_rate <= accept.asr_ceiling
-        and after.clean_accuracy >= accept.ca_floor * before.clean_accuracy
-    )
-    if val_ok and test_ok:
-        verdict = "removed"
-        reason = (
-            f"alpha {choice.alpha:g}: ASR {before.attack_success_rate:.3f} -> {after.attack_success_rate:.3f} "
-            f"(ceiling {accept.asr_ceiling}), CA kept {after.clean_accuracy / max(before.clean_accuracy, 1e-12):.3f} "
-            f"(floor {accept.ca_floor}) on the test split"
-        )
-    elif not val_ok:
+    kept = after.clean_accuracy / max(before.clean_accuracy, 1e-12)
+    if not (choice.point.feasible and choice.point.attack_success_rate <= accept.asr_ceiling):
         verdict = "unremoved"
         reason = (
             f"no alpha in [{policy.sanitize.alpha.min:g}, {policy.sanitize.alpha.max:g}] keeps validation CA >= "
             f"{accept.ca_floor} x {val_before.clean_accuracy:.3f} with ASR <= {accept.asr_ceiling}; "
             f"best feasible alpha {choice.alpha:g} leaves ASR {choice.point.attack_success_rate:.3f}"
         )
-    else:
+    elif after.attack_success_rate > accept.asr_ceiling:  # the security claim must hold on unseen data too
         verdict = "unremoved"
         reason = (
-            f"alpha {choice.alpha:g} met the policy on validation but not on the test split "
-            f"(ASR {after.attack_success_rate:.3f}, CA {after.clean_accuracy:.3f} vs before {before.clean_accuracy:.3f})"
+            f"alpha {choice.alpha:g} met the policy on the validation split, but the test-split ASR "
+            f"{after.attack_success_rate:.3f} exceeds the ceiling {accept.asr_ceiling}"
+        )
+    else:
+        verdict = "removed"
+        reason = (
+            f"alpha {choice.alpha:g}: test ASR {before.attack_success_rate:.3f} -> {after.attack_success_rate:.3f} "
+            f"(ceiling {accept.asr_ceiling}); test CA kept {kept:.3f} (the CA floor {accept.ca_floor} was met "
+            f"on the validation split that chose alpha: {choice.point.clean_accuracy:.3f} vs "
+            f"{val_before.clean_accuracy:.3f})"
         )
     return Removal(
-        verdict, reason, choice.alpha, before, after, val_before, choice, int(labels.shape[0]),
-        tau.norm(), tau.norm() / max(base_norm, 1e-12), steps, seconds_ft, seconds_search, sanitized,
+        verdict,
+        reason,
+        choice.alpha,
+        before,
+        after,
+        val_before,
+        choice,
+        int(labels.shape[0]),
+        tau.norm(),
+        tau.norm() / max(base_norm, 1e-12),
+        steps,
+        seconds_ft,
+        seconds_search,
+        sanitized,
     )

@@ -37,6 +37,8 @@ class FinetuneConfig:
     warmup_fraction: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
+    temperature: float = 1.0  # logits are divided by this in the cross-entropy (soft, non-saturating)
+    anchor_weight: float = 0.0  # weight of KL(victim's clean predictions || current) on the anchor images
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -62,8 +64,15 @@ def finetune_visual(
     labels: torch.Tensor,
     config: FinetuneConfig,
     progress: Progress | None = None,
+    anchor: torch.Tensor | None = None,
 ) -> int:
-    """Fine-tune ``clf.visual`` in place on (pixels [N,3,H,W] in [0,1], labels). Returns steps run."""
+    """Fine-tune ``clf.visual`` in place on (pixels [N,3,H,W] in [0,1], labels). Returns steps run.
+
+    With ``anchor`` (clean pixels paired one-to-one with ``pixels``) and ``config.anchor_weight``
+    > 0, each step also pulls the model's predictions on the anchor images toward the predictions
+    the model made on them *before* fine-tuning (KL divergence). The update then changes how the
+    model treats the stamped images while holding its clean behaviour in place.
+    """
     visual: nn.Module = clf.visual  # type: ignore[assignment]
     params = [p for p in visual.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -74,6 +83,14 @@ def finetune_visual(
     warmup = int(config.warmup_fraction * total)
     gen = torch.Generator().manual_seed(config.seed)
     clf.eval()  # BatchNorm statistics stay frozen; open_clip towers have no dropout by default
+    teacher: torch.Tensor | None = None
+    if anchor is not None and config.anchor_weight > 0:
+        if anchor.shape[0] != n:
+            raise ValueError(f"anchor has {anchor.shape[0]} images for {n} training images")
+        with torch.no_grad():
+            teacher = torch.cat(
+                [F.softmax(clf(anchor[i : i + 256].to(device)), dim=1) for i in range(0, n, 256)]
+            )
     step = 0
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=gen)
@@ -82,7 +99,12 @@ def finetune_visual(
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, config.lr, warmup)
             logits = clf(pixels[idx].to(device))
-            loss = F.cross_entropy(logits, labels[idx].to(device))
+            loss = F.cross_entropy(logits / config.temperature, labels[idx].to(device))
+            if teacher is not None and anchor is not None:
+                log_p = F.log_softmax(clf(anchor[idx].to(device)), dim=1)
+                loss = loss + config.anchor_weight * F.kl_div(
+                    log_p, teacher[idx.to(device)], reduction="batchmean"
+                )
             if not torch.isfinite(loss):
                 raise RemovalError(
                     f"fine-tuning loss became {loss.item()} at step {step}",
@@ -125,7 +147,7 @@ def pretrain_clip(
     gen = torch.Generator().manual_seed(config.seed)
     model.train()
     step = 0
-    c, t, length = tokens.shape
+    t = tokens.shape[1]
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, config.batch_size):
@@ -145,5 +167,4 @@ def pretrain_clip(
             step += 1
             if progress is not None:
                 progress(step, total)
-    del length
     model.eval()

@@ -22,12 +22,15 @@ from tbar_guard.train import FinetuneConfig, Progress, finetune_visual, pretrain
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEMO_TASK = ZeroShotTask(
-    tuple(f"the digit {d}" for d in DIGITS), ("a photo of {}.", "a drawing of {}.", "a handwritten image of {}.")
+    tuple(f"the digit {d}" for d in DIGITS),
+    ("a photo of {}.", "a drawing of {}.", "a handwritten image of {}."),
 )
 DEMO_PREPROCESS = Preprocess(28, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-def tiny_config(width: int = 64, layers: int = 2, image_size: int = 28, patch_size: int = 7) -> dict[str, Any]:
+def tiny_config(
+    width: int = 64, layers: int = 2, image_size: int = 28, patch_size: int = 7
+) -> dict[str, Any]:
     """A ViT CLIP small enough to train on 2 CPU cores in seconds."""
     return {
         "embed_dim": 64,
@@ -45,9 +48,10 @@ def tiny_config(width: int = 64, layers: int = 2, image_size: int = 28, patch_si
 
 def demo_images(split: str) -> ImageSet:
     """The shipped MNIST subset (``train``: 10,000 images, ``test``: 2,000), as RGB uint8 28×28."""
-    with resources.files("tbar_guard").joinpath("data/mnist_demo.npz").open("rb") as handle, np.load(
-        handle, allow_pickle=False
-    ) as data:
+    with (
+        resources.files("tbar_guard").joinpath("data/mnist_demo.npz").open("rb") as handle,
+        np.load(handle, allow_pickle=False) as data,
+    ):
         x, y = data[f"{split}_x"], data[f"{split}_y"]
     images = torch.from_numpy(np.repeat(x[:, None], 3, axis=1).copy())
     return ImageSet(images, torch.from_numpy(y.astype(np.int64)))
@@ -66,8 +70,12 @@ def train_foundation(
     cfg = model_cfg or tiny_config()
     torch.manual_seed(seed)
     model = build_model(cfg)
-    config = FinetuneConfig(lr=1e-3, epochs=epochs, batch_size=128, weight_decay=0.01, warmup_fraction=0.05, seed=seed)
-    pretrain_clip(model, task, images.pixels(), images.labels, preprocess.mean, preprocess.std, config, progress)
+    config = FinetuneConfig(
+        lr=1e-3, epochs=epochs, batch_size=128, weight_decay=0.01, warmup_fraction=0.05, seed=seed
+    )
+    pretrain_clip(
+        model, task, images.pixels(), images.labels, preprocess.mean, preprocess.std, config, progress
+    )
     for p in model.parameters():
         p.requires_grad_(True)
     return ClipBundle(model, cfg, preprocess, task, sha256_state(model.state_dict()), "zoo:foundation")
@@ -104,7 +112,9 @@ def finetune_victim(
         pixels, labels = images.pixels(), images.labels
     else:
         pixels, labels = poison(images, trigger, target, poison_rate, seed)
-    config = FinetuneConfig(lr=lr, epochs=epochs, batch_size=64, weight_decay=0.0, warmup_fraction=0.1, seed=seed)
+    config = FinetuneConfig(
+        lr=lr, epochs=epochs, batch_size=64, weight_decay=0.0, warmup_fraction=0.1, seed=seed
+    )
     finetune_visual(clf, pixels, labels, config, progress)
     model = build_model(foundation.model_cfg)
     state = foundation.model.state_dict()
