@@ -144,6 +144,14 @@ def write_table(out: Path, rows: list[dict[str, object]], args: argparse.Namespa
             f"{_pct(r['ca_before'])} | {_pct(r['asr_before'])} | {_pct(r['ca_after'])} | {kept:.3f} | "  # type: ignore[arg-type]
             f"{_pct(r['asr_after'])} | {_pct(r['reemerge'])} | {r['points']} | {float(r['wall']):.1f} |"  # type: ignore[arg-type]
         )
+    failed = sorted({str(r["attack"]) for r in rows if float(r["asr_before"]) < 0.9})  # type: ignore[arg-type]
+    if failed:
+        lines += [
+            "",
+            f"Failed attacks (victim ASR < 90%, reported, not dropped): {', '.join(failed)}. WaNet with the "
+            "published k=4, s=0.5 barely moves a 28-px image (a fraction of a pixel) and the 3-epoch poisoned "
+            "fine-tune of this tiny tower does not learn it; its rows measure removal of a 6% ASR.",
+        ]
     lines.append("")
     out.write_text("\n".join(lines), encoding="utf-8")
 

@@ -160,14 +160,23 @@ def _load_image(path: str, size: int, mode: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Trigger:
-    """A trigger built for one image size. ``mask``/``pattern`` are set for mask-type triggers."""
+    """A trigger built for one image size. ``mask``/``pattern`` are set for mask-type triggers.
 
-    spec: TriggerSpec
+    ``spec`` is None for a trigger that was not described by a spec (an inverted one)."""
+
+    spec: TriggerSpec | None
     image_size: int
     mask: torch.Tensor | None = None  # [1,H,W] in [0,1]
     pattern: torch.Tensor | None = None  # [3,H,W] in [0,1]
     grid: torch.Tensor | None = None  # WaNet sampling grid [1,H,W,2]
     additive: torch.Tensor | None = None  # SIG additive pattern [1,1,H,W] or [3,H,W]
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, pattern: torch.Tensor) -> Trigger:
+        """A mask+pattern trigger, e.g. one recovered by trigger inversion (mask [H,W], pattern [3,H,W])."""
+        size = int(mask.shape[-1])
+        m = mask.detach().float().cpu().reshape(1, size, size).clamp(0, 1)
+        return cls(None, size, mask=m, pattern=pattern.detach().float().cpu().clamp(0, 1))
 
     def apply(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Stamp float pixels [N,3,H,W] in [0,1]; returns a new tensor on the same device."""

@@ -150,6 +150,110 @@ def sanitize(
     _guard(run)
 
 
+def _data_path(data: Path | None, policy: Any) -> Path | None:
+    if data is not None:
+        return data
+    return Path(policy.data.path) if policy.data.path else None
+
+
+@app.command()
+def scan(
+    model: Annotated[Path, typer.Option(help="Model bundle directory (or a weights file with --arch).")],
+    data: Annotated[Path | None, typer.Option(help="Clean images (folder or .npz); default: the policy's data.path.")] = None,
+    out: Annotated[Path, typer.Option(help="Report directory (must not exist).")] = Path("tbar-guard-scan"),
+    policy: Annotated[Path | None, typer.Option(help="YAML policy (defaults if omitted).")] = None,
+    arch: Annotated[str | None, typer.Option(help="open_clip architecture name, when --model is a weights file.")] = None,
+    classes: Annotated[Path | None, typer.Option(help="JSON zero-shot task (classnames, templates) for --arch.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (overrides the policy).")] = None,
+) -> None:
+    """Look for a backdoor (DECREE trigger inversion). Exit 0 clean, 1 backdoor found."""
+
+    def run() -> ExitCode:
+        from tbar_guard.gate import scan as run_scan
+        from tbar_guard.policy import load_policy
+
+        pol = load_policy(policy)
+        with _progress() as progress:
+            result = run_scan(model, _data_path(data, pol), pol, out, device, progress, arch, classes)
+        _print_summary(result.report, result.out)
+        return result.exit_code
+
+    _guard(run)
+
+
+@app.command()
+def gate(
+    model: Annotated[str, typer.Option(help="Bundle path, or models:/name/N, models:/name@alias, runs:/id/path.")],
+    policy: Annotated[Path | None, typer.Option(help="YAML policy (defaults if omitted).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Clean images (folder or .npz); default: the policy's data.path.")] = None,
+    out: Annotated[Path, typer.Option(help="Report directory (must not exist).")] = Path("tbar-guard-gate"),
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI).", show_default=False)
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (overrides the policy).")] = None,
+) -> None:
+    """Scan, remove a found backdoor with the inverted trigger, and (registry URIs) register the result."""
+
+    def run() -> ExitCode:
+        from tbar_guard.policy import load_policy
+        from tbar_guard.promote import gate_uri
+
+        pol = load_policy(policy)
+        with _progress() as progress:
+            result = gate_uri(model, _data_path(data, pol), pol, out, tracking_uri, device, progress)
+        _print_summary(result.report, result.out)
+        return result.exit_code
+
+    _guard(run)
+
+
+@app.command()
+def push(
+    model: Annotated[Path, typer.Option(help="Model bundle directory to register.")],
+    name: Annotated[str, typer.Option(help="Registered model name.")],
+    alias: Annotated[str | None, typer.Option(help="Alias to point at the new version (e.g. candidate).")] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI).", show_default=False)
+    ] = None,
+) -> None:
+    """Register a bundle in the MLflow Model Registry (safetensors + JSON, no pickle)."""
+
+    def run() -> ExitCode:
+        from tbar_guard.promote import push_model
+
+        version = push_model(model, name, alias, tracking_uri)
+        out_console.print(f"registered {version.uri}", highlight=False)
+        return ExitCode.CLEAN
+
+    _guard(run)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Everything the demo makes goes here.")] = Path("tbar-guard-demo"),
+) -> None:
+    """Run the whole gate on an embedded example: local MLflow (sqlite), a tiny CLIP, a planted backdoor."""
+
+    def run() -> ExitCode:
+        from tbar_guard.demo import run_demo
+
+        with _progress() as progress:
+            result = run_demo(workdir, progress, log=lambda msg: err_console.print(msg, highlight=False))
+        _print_summary(result.report, result.out)
+        report = result.report
+        if report.get("registered"):
+            out_console.print(f"registered: {report['registered']['uri']}", highlight=False)
+        if report.get("alias_moved"):
+            out_console.print(f"alias moved: {report['alias_moved']}", highlight=False)
+        out_console.print(
+            f"browse: mlflow ui --backend-store-uri sqlite:///{(workdir / 'mlflow.db').resolve()}", highlight=False
+        )
+        # The demo's job is to show the gate working; it succeeds when the gate ran to a verdict.
+        return ExitCode.CLEAN
+
+    _guard(run)
+
+
 @app.command("init-policy")
 def init_policy(
     out: Annotated[Path | None, typer.Argument(help="Where to write the policy; stdout if omitted.")] = None,

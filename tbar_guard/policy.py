@@ -19,6 +19,7 @@ class _Section(BaseModel):
 
 
 class DataPolicy(_Section):
+    path: str | None = Field(None, min_length=1)
     forget_fraction: float = Field(0.4, gt=0, lt=1)
     val_fraction: float = Field(0.3, gt=0, lt=1)
     test_fraction: float = Field(0.3, gt=0, lt=1)
@@ -73,6 +74,35 @@ class AcceptPolicy(_Section):
     asr_ceiling: float = Field(0.05, ge=0, le=1)
 
 
+class DetectPolicy(_Section):
+    method: Literal["decree"] = "decree"
+    rule: Literal["calibrated", "paper"] = "calibrated"
+    paper_threshold: float = Field(0.1, gt=0, le=1)
+    calibrated_ratio: float = Field(0.5, gt=0, lt=1)
+    z_threshold: float = Field(-2.5, lt=0)
+    reference_models: tuple[str, ...] = ()
+    reference_pl1: tuple[float, ...] = ()
+    shadow_images: int = Field(256, ge=8)
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=2)
+    max_seconds: float | None = Field(None, gt=0)
+    normalization: Literal["model", "imagenet"] = "model"
+    min_proxy_asr: float = Field(0.5, ge=0, le=1)
+    min_lift: float = Field(0.3, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> DetectPolicy:
+        if self.batch_size > self.shadow_images:
+            raise ValueError(f"batch_size {self.batch_size} exceeds shadow_images {self.shadow_images}")
+        return self
+
+
+class RegistryPolicy(_Section):
+    target_name: str | None = Field(None, min_length=1)
+    alias: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    experiment: str = Field("tbar-guard", min_length=1)
+
+
 class Policy(_Section):
     version: Literal[1] = 1
     seed: int = 0
@@ -80,7 +110,10 @@ class Policy(_Section):
     data: DataPolicy = DataPolicy()
     sanitize: SanitizePolicy = SanitizePolicy()
     accept: AcceptPolicy = AcceptPolicy()
+    detect: DetectPolicy = DetectPolicy()
+    registry: RegistryPolicy = RegistryPolicy()
     trigger: TriggerSpec | None = None
+    target: str | None = None
 
     def sha256(self) -> str:
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -98,7 +131,8 @@ version: 1
 seed: 0              # one seed for splits, forget set, fine-tuning and inversion
 device: auto         # auto | cpu | cuda | cuda:N
 
-data:                # how the clean images given with --data are split (disjoint, seeded)
+data:                # the clean images and how they are split (disjoint, seeded)
+  path: null             # folder of class sub-folders or .npz; --data overrides (relative to the policy file)
   forget_fraction: 0.4   # pool the forget set is drawn from
   val_fraction: 0.3      # held-out split that chooses alpha
   test_fraction: 0.3     # split that reports before/after; never used to choose alpha
@@ -130,7 +164,29 @@ accept:
   ca_floor: 0.95         # keep clean accuracy >= ca_floor x the original model's
   asr_ceiling: 0.05      # the backdoor counts as removed when attack success rate <= this
 
+detect:                  # trigger inversion (scan, gate): DECREE on the image tower
+  method: decree
+  rule: calibrated       # calibrated: compare PL1 with clean reference models; paper: PL1 < paper_threshold
+  paper_threshold: 0.1
+  calibrated_ratio: 0.5  # flag when PL1 < ratio x the reference median ...
+  z_threshold: -2.5      # ... or (3+ references) when its robust z-score is below this
+  reference_models: []   # clean references: bundle paths or models:/ URIs (base model, promoted version)
+  reference_pl1: []      # a stored reference distribution of PL1 values
+  shadow_images: 256     # clean images the inversion optimises over
+  steps: 300             # optimisation steps (batches); the paper runs up to 1000 epochs
+  batch_size: 32
+  max_seconds: null      # wall-clock budget for one inversion
+  normalization: model   # model: the model's own mean/std; imagenet: as the official DECREE code
+  min_proxy_asr: 0.5     # an inverted trigger is actionable when it sends >= this share to one class
+  min_lift: 0.3          # ... and that share exceeds the class's share on clean images by this much
+
+registry:                # gate with a models:/ URI
+  target_name: null      # registered model for sanitized versions; null = "<source name>-sanitized"
+  alias: null            # alias to move on pass (e.g. production); never moved on failure
+  experiment: tbar-guard
+
 trigger: null            # known trigger for audits, e.g. {kind: badnet, size: 3, location: bottom-right}
+target: null             # its target class (name or index); gate then also reports ASR under it
 """
 
 
@@ -174,4 +230,8 @@ def load_policy(path: Path | None) -> Policy:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise PolicyError(f"{path}: not valid YAML: {exc}") from None
-    return policy_from_dict(raw, str(path))
+    policy = policy_from_dict(raw, str(path))
+    if policy.data.path is not None and not Path(policy.data.path).is_absolute():
+        resolved = str((path.parent / policy.data.path).resolve())
+        policy = policy.model_copy(update={"data": policy.data.model_copy(update={"path": resolved})})
+    return policy

@@ -739,6 +739,16 @@ def set_version_tags(name: str, version: str, tags: Mapping[str, str], tracking_
             client.set_model_version_tag(name, version, key, value)
 
 
+def delete_version(name: str, version: str, tracking_uri: str | None = None) -> None:
+    """Delete one model version (used to roll back a registration whose follow-up steps failed)."""
+    validate_model_name(name)
+    version = _validate_version(version)
+    tracking = _resolve_tracking_uri(tracking_uri)
+    client = _client(tracking)
+    with _mlflow_errors(f"deleting models:/{name}/{version}", tracking):
+        client.delete_model_version(name, version)
+
+
 def move_alias(name: str, alias: str, version: str, tracking_uri: str | None = None) -> None:
     """Point ``models:/<name>@<alias>`` at ``version`` (moving it from wherever it was)."""
     validate_model_name(name)

@@ -73,6 +73,8 @@ class Removal:
     seconds_finetune: float
     seconds_search: float
     visual: dict[str, torch.Tensor]
+    audit_before: Metrics | None = None  # test split under the true trigger, when it is known (gate audits)
+    audit_after: Metrics | None = None
 
 
 def build_forget_set(
@@ -172,10 +174,15 @@ def remove_backdoor(
     target: int,
     policy: Policy,
     progress: StageProgress | None = None,
+    audit: tuple[Trigger, int] | None = None,
 ) -> Removal:
-    """Run TBAR on ``clf`` (its image tower is restored to θ_b before returning)."""
+    """Run TBAR on ``clf`` (its image tower is restored to θ_b before returning).
+
+    ``audit`` = (true trigger, true target): also report test-split metrics under it (never used to
+    choose α or to decide the verdict, which rest on ``trigger``)."""
     theta_b = visual_state(clf)
     seed = policy.seed
+    audit_before = evaluate(clf, splits.test, audit[0], audit[1], seed=seed) if audit else None
     val_before = evaluate(clf, splits.val, trigger, target, seed=seed)
     before = evaluate(clf, splits.test, trigger, target, seed=seed)
     assert val_before.attack_success_rate is not None and before.attack_success_rate is not None
@@ -196,6 +203,8 @@ def remove_backdoor(
             0.0,
             0.0,
             theta_b,
+            audit_before,
+            audit_before,
         )
 
     pixels, labels, twins = build_forget_set(
@@ -228,6 +237,7 @@ def remove_backdoor(
     sanitized = negated.apply_to(theta_b, choice.alpha)
     clf.visual.load_state_dict(sanitized)
     after = evaluate(clf, splits.test, trigger, target, seed=seed)
+    audit_after = evaluate(clf, splits.test, audit[0], audit[1], seed=seed) if audit else None
     clf.visual.load_state_dict(theta_b)
     assert after.attack_success_rate is not None
 
@@ -269,4 +279,6 @@ def remove_backdoor(
         seconds_ft,
         seconds_search,
         sanitized,
+        audit_before,
+        audit_after,
     )
