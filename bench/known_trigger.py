@@ -73,7 +73,9 @@ def main() -> None:
         for attack in ATTACKS:
             spec = parse_trigger(attack)
             trigger = build_trigger(spec, 28)
-            victim = finetune_victim(foundation, train.subset(torch.arange(5000, 10000)), trigger, 0, epochs=3, seed=seed)
+            victim = finetune_victim(
+                foundation, train.subset(torch.arange(5000, 10000)), trigger, 0, epochs=3, seed=seed
+            )
             vdir = args.work / f"seed{seed}-{attack}"
             if vdir.exists():
                 import shutil
@@ -92,7 +94,9 @@ def main() -> None:
                     model_dir = vdir / f"out-{method}" / "model"
                     if model_dir.exists():
                         clf = classifier_for(load_bundle(model_dir))
-                        finetune_visual(clf, repair.pixels(), repair.labels, FinetuneConfig(lr=1e-4, epochs=5, batch_size=64))
+                        finetune_visual(
+                            clf, repair.pixels(), repair.labels, FinetuneConfig(lr=1e-4, epochs=5, batch_size=64)
+                        )
                         images = load_images(data_npz, bundle.task, 28)
                         splits = split(images, (0.4, 0.3, 0.3), seed)
                         reemerge = evaluate(clf, splits.test, trigger, 0).attack_success_rate

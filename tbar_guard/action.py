@@ -603,16 +603,17 @@ RULES: tuple[dict[str, Any], ...] = (
     {
         "id": "TBG004",
         "name": "detection-uncalibrated",
-        "shortDescription": {"text": "Detection fell back to the paper's fixed threshold"},
+        "shortDescription": {"text": "Detection ran without a clean reference"},
         "fullDescription": {
-            "text": "No clean reference model or reference PL1 was given, so the paper's fixed-threshold rule decided. "
-            "That rule is known to flag clean large-data models."
+            "text": "No clean reference model (or, for DECREE, reference PL1) was given, so the verdict is "
+            "uncalibrated: universal adversarial patterns of the architecture are not discounted and clean "
+            "models can be flagged."
         },
         "help": {
-            "text": "Add detect.reference_models (the base model or the promoted version) or detect.reference_pl1 to "
+            "text": "Add detect.reference_models (the base model or the promoted version) or detect.decree.reference_pl1 to "
             "the policy.",
             "markdown": "Add `detect.reference_models` (the base model or the promoted version) or "
-            "`detect.reference_pl1` to the policy.",
+            "`detect.decree.reference_pl1` to the policy.",
         },
         "defaultConfiguration": {"level": "note"},
         "properties": {"tags": ["security", "ml-model", "configuration"], "precision": "low"},

@@ -76,9 +76,7 @@ class CustomSpec(_Spec):
     mask: str = Field(description="path of the mask image (grayscale; white = trigger)")
 
 
-TriggerSpec = Annotated[
-    BadNetSpec | BlendedSpec | WaNetSpec | SigSpec | CustomSpec, Field(discriminator="kind")
-]
+TriggerSpec = Annotated[BadNetSpec | BlendedSpec | WaNetSpec | SigSpec | CustomSpec, Field(discriminator="kind")]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(TriggerSpec)
 KINDS = ("badnet", "blended", "wanet", "sig", "custom")
 
@@ -88,12 +86,9 @@ def spec_from_dict(raw: Any, where: str = "trigger") -> TriggerSpec:
         spec: TriggerSpec = _ADAPTER.validate_python(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{where}.{'.'.join(str(p) for p in err['loc'][1:]) or 'kind'}: {err['msg']}"
-            for err in exc.errors()
+            f"{where}.{'.'.join(str(p) for p in err['loc'][1:]) or 'kind'}: {err['msg']}" for err in exc.errors()
         )
-        raise UsageError(
-            f"invalid trigger spec: {problems}", hint=f"kind is one of {', '.join(KINDS)}"
-        ) from None
+        raise UsageError(f"invalid trigger spec: {problems}", hint=f"kind is one of {', '.join(KINDS)}") from None
     return spec
 
 
@@ -149,9 +144,7 @@ def _quantise(x: torch.Tensor) -> torch.Tensor:
 def _load_image(path: str, size: int, mode: str) -> torch.Tensor:
     p = Path(path)
     if not p.is_file():
-        raise UsageError(
-            f"trigger image {p} does not exist", hint="give an existing image path in the trigger spec"
-        )
+        raise UsageError(f"trigger image {p} does not exist", hint="give an existing image path in the trigger spec")
     with Image.open(p) as img:
         arr = np.asarray(img.convert(mode).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
     t = torch.from_numpy(arr / 255.0)
@@ -278,9 +271,7 @@ def _sig(spec: SigSpec, size: int) -> Trigger:
 
 
 def _custom(spec: CustomSpec, size: int) -> Trigger:
-    return Trigger(
-        spec, size, mask=_load_image(spec.mask, size, "L"), pattern=_load_image(spec.pattern, size, "RGB")
-    )
+    return Trigger(spec, size, mask=_load_image(spec.mask, size, "L"), pattern=_load_image(spec.pattern, size, "RGB"))
 
 
 def build_trigger(spec: TriggerSpec, image_size: int) -> Trigger:

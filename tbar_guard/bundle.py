@@ -155,9 +155,7 @@ def _check_model_cfg(model_cfg: Any, where: str) -> dict[str, Any]:
             hint="tbar-guard runs offline; use an open_clip built-in text tower",
         )
     if vision_cfg.get("timm_model_pretrained") or vision_cfg.get("timm_model_name"):
-        raise ModelFormatError(
-            f"{where}: timm vision towers are not supported", hint="use a ViT or ResNet tower"
-        )
+        raise ModelFormatError(f"{where}: timm vision towers are not supported", hint="use a ViT or ResNet tower")
     if not isinstance(vision_cfg.get("image_size"), int):
         raise ModelFormatError(
             f"{where}: vision_cfg.image_size must be one integer, got {vision_cfg.get('image_size')!r}",
@@ -176,17 +174,14 @@ def build_model(model_cfg: Mapping[str, Any]) -> torch.nn.Module:
     return model
 
 
-def check_state_dict(
-    model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str
-) -> dict[str, torch.Tensor]:
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """Validate ``state`` against ``model``: same keys, shapes, float dtypes, finite values."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
         raise ModelFormatError(
-            f"{where}: missing tensor {missing[0]!r}"
-            + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""),
+            f"{where}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""),
             hint="the weights do not belong to this architecture/config",
         )
     if unexpected:
@@ -223,9 +218,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except FileNotFoundError:
-        raise ModelFormatError(
-            f"{path} is missing", hint="point --model at a bundle or a weights file"
-        ) from None
+        raise ModelFormatError(f"{path} is missing", hint="point --model at a bundle or a weights file") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFormatError(
             f"{path} is not a readable safetensors file: {exc}",
@@ -238,9 +231,7 @@ def read_torch_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         raw = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ModelFormatError(
-            f"{path} is missing", hint="point --model at a bundle or a weights file"
-        ) from None
+        raise ModelFormatError(f"{path} is missing", hint="point --model at a bundle or a weights file") from None
     except Exception as exc:  # UnpicklingError and friends: the file wants to build arbitrary objects
         raise ModelFormatError(
             f"refused to load {path}: it needs unpickling of objects other than tensors ({type(exc).__name__})",

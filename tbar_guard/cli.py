@@ -91,9 +91,7 @@ def _guard(run: Callable[[], ExitCode]) -> None:
 
 def _print_summary(report: dict[str, Any], out: Path | None) -> None:
     verdict = str(report["verdict"])
-    colour = {"clean": "green", "removed": "yellow", "unremoved": "red", "backdoor": "red"}.get(
-        verdict, "white"
-    )
+    colour = {"clean": "green", "removed": "yellow", "unremoved": "red", "backdoor": "red"}.get(verdict, "white")
     out_console.print(f"verdict: [bold {colour}]{verdict}[/]  {report['reason']}", highlight=False)
     if "before" in report and "after" in report:
         table = Table(title="test split")
@@ -103,9 +101,7 @@ def _print_summary(report: dict[str, Any], out: Path | None) -> None:
         for row in ("before", "after"):
             m = report[row]
             asr = m.get("attack_success_rate")
-            table.add_row(
-                row, f"{100 * m['clean_accuracy']:.1f}%", "n/a" if asr is None else f"{100 * asr:.1f}%"
-            )
+            table.add_row(row, f"{100 * m['clean_accuracy']:.1f}%", "n/a" if asr is None else f"{100 * asr:.1f}%")
         out_console.print(table)
     if "alpha" in report:
         out_console.print(f"alpha: {report['alpha']:g}", highlight=False)
@@ -118,9 +114,7 @@ def _print_summary(report: dict[str, Any], out: Path | None) -> None:
 @app.command()
 def sanitize(
     model: Annotated[Path, typer.Option(help="Model bundle directory (or a weights file with --arch).")],
-    data: Annotated[
-        Path, typer.Option(help="Clean images: a folder of class sub-folders, or .npz with x, y.")
-    ],
+    data: Annotated[Path, typer.Option(help="Clean images: a folder of class sub-folders, or .npz with x, y.")],
     trigger: Annotated[str, typer.Option(help="Trigger spec: 'badnet:size=3', inline JSON, or a YAML file.")],
     target: Annotated[str, typer.Option(help="Target class of the backdoor (name or index).")],
     out: Annotated[Path, typer.Option(help="Output directory (must not exist).")],
@@ -159,11 +153,17 @@ def _data_path(data: Path | None, policy: Any) -> Path | None:
 @app.command()
 def scan(
     model: Annotated[Path, typer.Option(help="Model bundle directory (or a weights file with --arch).")],
-    data: Annotated[Path | None, typer.Option(help="Clean images (folder or .npz); default: the policy's data.path.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Clean images (folder or .npz); default: the policy's data.path.")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Report directory (must not exist).")] = Path("tbar-guard-scan"),
     policy: Annotated[Path | None, typer.Option(help="YAML policy (defaults if omitted).")] = None,
-    arch: Annotated[str | None, typer.Option(help="open_clip architecture name, when --model is a weights file.")] = None,
-    classes: Annotated[Path | None, typer.Option(help="JSON zero-shot task (classnames, templates) for --arch.")] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="open_clip architecture name, when --model is a weights file.")
+    ] = None,
+    classes: Annotated[
+        Path | None, typer.Option(help="JSON zero-shot task (classnames, templates) for --arch.")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (overrides the policy).")] = None,
 ) -> None:
     """Look for a backdoor (DECREE trigger inversion). Exit 0 clean, 1 backdoor found."""
@@ -185,7 +185,9 @@ def scan(
 def gate(
     model: Annotated[str, typer.Option(help="Bundle path, or models:/name/N, models:/name@alias, runs:/id/path.")],
     policy: Annotated[Path | None, typer.Option(help="YAML policy (defaults if omitted).")] = None,
-    data: Annotated[Path | None, typer.Option(help="Clean images (folder or .npz); default: the policy's data.path.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Clean images (folder or .npz); default: the policy's data.path.")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Report directory (must not exist).")] = Path("tbar-guard-gate"),
     tracking_uri: Annotated[
         str | None, typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI).", show_default=False)

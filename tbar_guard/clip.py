@@ -44,9 +44,7 @@ class ZeroShotClassifier(nn.Module):
     ``self.visual`` has trainable parameters; the head is a buffer.
     """
 
-    def __init__(
-        self, visual: nn.Module, head: torch.Tensor, logit_scale: float, preprocess: Preprocess
-    ) -> None:
+    def __init__(self, visual: nn.Module, head: torch.Tensor, logit_scale: float, preprocess: Preprocess) -> None:
         super().__init__()
         self.visual = visual
         self.register_buffer("head", head.detach().clone())
@@ -100,9 +98,7 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         from tbar_guard.errors import UsageError
 
-        raise UsageError(
-            f"device {name!r} requested but CUDA is not available", hint="use device: auto or cpu"
-        )
+        raise UsageError(f"device {name!r} requested but CUDA is not available", hint="use device: auto or cpu")
     return torch.device(name)
 
 

@@ -75,9 +75,7 @@ def _load_folder(path: Path, task: ZeroShotTask, size: int) -> ImageSet:
                 with Image.open(file) as img:
                     images.append(_to_rgb_array(img, size))
             except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(
-                    f"cannot read image {file}: {exc}", hint="remove or re-encode the file"
-                ) from None
+                raise DataError(f"cannot read image {file}: {exc}", hint="remove or re-encode the file") from None
             labels.append(label)
     if not images:
         raise DataError(f"no images found under {path}", hint=f"supported: {', '.join(IMAGE_SUFFIXES)}")
@@ -92,9 +90,7 @@ def _load_npz(path: Path, task: ZeroShotTask, size: int) -> ImageSet:
                 raise DataError(f"{path} lacks arrays 'x' and 'y' (has {sorted(data.files)})")
             x, y = np.asarray(data["x"]), np.asarray(data["y"])
     except (OSError, ValueError) as exc:
-        raise DataError(
-            f"cannot read {path}: {exc}", hint="an .npz needs uint8 x [N,H,W,3] and int y [N]"
-        ) from None
+        raise DataError(f"cannot read {path}: {exc}", hint="an .npz needs uint8 x [N,H,W,3] and int y [N]") from None
     if x.dtype != np.uint8:
         raise DataError(f"{path}: x has dtype {x.dtype}, expected uint8", hint="store pixels as 0..255 uint8")
     if x.ndim == 3:  # grayscale N×H×W
@@ -106,9 +102,7 @@ def _load_npz(path: Path, task: ZeroShotTask, size: int) -> ImageSet:
     if x.shape[-1] == 4:
         x = x[..., :3]
     if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
-        raise DataError(
-            f"{path}: y has shape {y.shape} / dtype {y.dtype}, expected {x.shape[0]} integer labels"
-        )
+        raise DataError(f"{path}: y has shape {y.shape} / dtype {y.dtype}, expected {x.shape[0]} integer labels")
     if x.shape[1:3] != (size, size):
         x = np.stack([_to_rgb_array(Image.fromarray(img), size) for img in x])
     tensor = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
@@ -119,9 +113,7 @@ def load_images(path: Path, task: ZeroShotTask, image_size: int) -> ImageSet:
     """Load clean labelled images, converting grayscale/RGBA to RGB and resizing to ``image_size``."""
     path = Path(path)
     if not path.exists():
-        raise DataError(
-            f"data path {path} does not exist", hint="pass a folder of class sub-folders or an .npz"
-        )
+        raise DataError(f"data path {path} does not exist", hint="pass a folder of class sub-folders or an .npz")
     images = _load_folder(path, task, image_size) if path.is_dir() else _load_npz(path, task, image_size)
     if len(images) == 0:
         raise DataError(f"{path} holds no images")

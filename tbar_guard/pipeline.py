@@ -53,9 +53,7 @@ def load_model(model: Path, arch: str | None = None, classes: Path | None = None
     if arch is None:
         return load_bundle(model)
     if classes is None:
-        raise UsageError(
-            "--arch needs --classes FILE", hint='FILE is JSON: {"classnames": [...], "templates": [...]}'
-        )
+        raise UsageError("--arch needs --classes FILE", hint='FILE is JSON: {"classnames": [...], "templates": [...]}')
     import json
 
     try:

@@ -74,21 +74,35 @@ class AcceptPolicy(_Section):
     asr_ceiling: float = Field(0.05, ge=0, le=1)
 
 
-class DetectPolicy(_Section):
-    method: Literal["decree"] = "decree"
+class DecreePolicy(_Section):
+    steps: int = Field(300, ge=1)
     rule: Literal["calibrated", "paper"] = "calibrated"
     paper_threshold: float = Field(0.1, gt=0, le=1)
     calibrated_ratio: float = Field(0.5, gt=0, lt=1)
     z_threshold: float = Field(-2.5, lt=0)
-    reference_models: tuple[str, ...] = ()
     reference_pl1: tuple[float, ...] = ()
+    normalization: Literal["model", "imagenet"] = "model"
+
+
+class DifferentialPolicy(_Section):
+    steps: int = Field(150, ge=1)
+    mask_cells: int = Field(7, ge=1)
+    area_weight: float = Field(5.0, gt=0)
+    reference_weight: float = Field(1.0, ge=0)
+    z_threshold: float = Field(-2.5, lt=0)
+    targets_per_chunk: int = Field(10, ge=1)
+
+
+class DetectPolicy(_Section):
+    method: Literal["differential", "decree"] = "differential"
+    reference_models: tuple[str, ...] = ()
     shadow_images: int = Field(256, ge=8)
-    steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=2)
     max_seconds: float | None = Field(None, gt=0)
-    normalization: Literal["model", "imagenet"] = "model"
     min_proxy_asr: float = Field(0.5, ge=0, le=1)
     min_lift: float = Field(0.3, ge=0, le=1)
+    differential: DifferentialPolicy = DifferentialPolicy()
+    decree: DecreePolicy = DecreePolicy()
 
     @model_validator(mode="after")
     def _batch_fits(self) -> DetectPolicy:
@@ -164,21 +178,32 @@ accept:
   ca_floor: 0.95         # keep clean accuracy >= ca_floor x the original model's
   asr_ceiling: 0.05      # the backdoor counts as removed when attack success rate <= this
 
-detect:                  # trigger inversion (scan, gate): DECREE on the image tower
-  method: decree
-  rule: calibrated       # calibrated: compare PL1 with clean reference models; paper: PL1 < paper_threshold
-  paper_threshold: 0.1
-  calibrated_ratio: 0.5  # flag when PL1 < ratio x the reference median ...
-  z_threshold: -2.5      # ... or (3+ references) when its robust z-score is below this
+detect:                  # trigger inversion (scan, gate)
+  # differential: per-class compact trigger search through the zero-shot head, penalised where it
+  #               also moves a clean reference model; flags a class whose trigger is anomalously small.
+  # decree:       faithful DECREE (embedding collapse, PL1), the paper's reference method.
+  method: differential   # differential | decree
   reference_models: []   # clean references: bundle paths or models:/ URIs (base model, promoted version)
-  reference_pl1: []      # a stored reference distribution of PL1 values
   shadow_images: 256     # clean images the inversion optimises over
-  steps: 300             # optimisation steps (batches); the paper runs up to 1000 epochs
   batch_size: 32
   max_seconds: null      # wall-clock budget for one inversion
-  normalization: model   # model: the model's own mean/std; imagenet: as the official DECREE code
   min_proxy_asr: 0.5     # an inverted trigger is actionable when it sends >= this share to one class
   min_lift: 0.3          # ... and that share exceeds the class's share on clean images by this much
+  differential:
+    steps: 150           # optimisation steps per chunk of classes
+    mask_cells: 7        # the mask is a 7x7 grid upsampled to the image (no scattered pixels)
+    area_weight: 5.0     # weight of the mask area in the loss
+    reference_weight: 1.0  # weight of KL(reference on clean || reference on stamped)
+    z_threshold: -2.5    # flag when the smallest per-class mask has a robust z-score below this
+    targets_per_chunk: 10  # classes optimised together (memory vs speed)
+  decree:
+    steps: 300           # optimisation steps (batches); the paper runs up to 1000 epochs
+    rule: calibrated     # calibrated: compare PL1 with the references; paper: PL1 < paper_threshold
+    paper_threshold: 0.1
+    calibrated_ratio: 0.5  # flag when PL1 < ratio x the reference median ...
+    z_threshold: -2.5    # ... or (3+ references) when its robust z-score is below this
+    reference_pl1: []    # a stored reference distribution of PL1 values
+    normalization: model # model: the model's own mean/std; imagenet: as the official DECREE code
 
 registry:                # gate with a models:/ URI
   target_name: null      # registered model for sanitized versions; null = "<source name>-sanitized"
@@ -223,9 +248,7 @@ def load_policy(path: Path | None) -> Policy:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise PolicyError(
-            f"cannot read policy {path}: {exc.strerror or exc}", hint="check the --policy path"
-        ) from None
+        raise PolicyError(f"cannot read policy {path}: {exc.strerror or exc}", hint="check the --policy path") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -182,8 +182,6 @@ def write_report(directory: Path, report: dict[str, Any]) -> dict[str, Any]:
         plot_sweep(report["alpha_sweep"], report.get("alpha"), directory / SWEEP_PNG)
         pictures["alpha_sweep"] = SWEEP_PNG
     report["pictures"] = pictures
-    (directory / REPORT_JSON).write_text(
-        json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8"
-    )
+    (directory / REPORT_JSON).write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     (directory / REPORT_MD).write_text(to_markdown(report), encoding="utf-8")
     return report

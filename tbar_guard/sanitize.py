@@ -207,9 +207,7 @@ def remove_backdoor(
             audit_before,
         )
 
-    pixels, labels, twins = build_forget_set(
-        splits.forget, trigger, target, policy.sanitize.forget_size, seed
-    )
+    pixels, labels, twins = build_forget_set(splits.forget, trigger, target, policy.sanitize.forget_size, seed)
     config = finetune_config(policy)
     t0 = time.perf_counter()
     steps = finetune_visual(

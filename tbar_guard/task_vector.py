@@ -44,9 +44,7 @@ class TaskVector:
             raise ValueError(f"task vectors differ in key {diff[0]!r}")
         for key, v in self.vector.items():
             if v.shape != other.vector[key].shape:
-                raise ValueError(
-                    f"tensor {key!r}: shape {tuple(v.shape)} vs {tuple(other.vector[key].shape)}"
-                )
+                raise ValueError(f"tensor {key!r}: shape {tuple(v.shape)} vs {tuple(other.vector[key].shape)}")
 
     def __neg__(self) -> TaskVector:
         return TaskVector(MappingProxyType({k: -v for k, v in self.vector.items()}))
@@ -67,9 +65,7 @@ class TaskVector:
 
     def dot(self, other: TaskVector) -> float:
         self._check(other)
-        return float(
-            sum(float((v.double() * other.vector[k].double()).sum()) for k, v in self.vector.items())
-        )
+        return float(sum(float((v.double() * other.vector[k].double()).sum()) for k, v in self.vector.items()))
 
     def norm(self) -> float:
         return float(self.dot(self) ** 0.5)
@@ -85,9 +81,7 @@ class TaskVector:
                 if key in self.vector:
                     delta = self.vector[key]
                     if delta.shape != value.shape:
-                        raise ValueError(
-                            f"tensor {key!r}: shape {tuple(value.shape)} vs {tuple(delta.shape)}"
-                        )
+                        raise ValueError(f"tensor {key!r}: shape {tuple(value.shape)} vs {tuple(delta.shape)}")
                     out[key] = value + coef * delta.to(value.device, value.dtype)
                 elif _is_arith(value):
                     raise ValueError(f"task vector lacks float tensor {key!r} of the state dict")

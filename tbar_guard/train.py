@@ -88,9 +88,7 @@ def finetune_visual(
         if anchor.shape[0] != n:
             raise ValueError(f"anchor has {anchor.shape[0]} images for {n} training images")
         with torch.no_grad():
-            teacher = torch.cat(
-                [F.softmax(clf(anchor[i : i + 256].to(device)), dim=1) for i in range(0, n, 256)]
-            )
+            teacher = torch.cat([F.softmax(clf(anchor[i : i + 256].to(device)), dim=1) for i in range(0, n, 256)])
     step = 0
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=gen)
@@ -102,9 +100,7 @@ def finetune_visual(
             loss = F.cross_entropy(logits / config.temperature, labels[idx].to(device))
             if teacher is not None and anchor is not None:
                 log_p = F.log_softmax(clf(anchor[idx].to(device)), dim=1)
-                loss = loss + config.anchor_weight * F.kl_div(
-                    log_p, teacher[idx.to(device)], reduction="batchmean"
-                )
+                loss = loss + config.anchor_weight * F.kl_div(log_p, teacher[idx.to(device)], reduction="batchmean")
             if not torch.isfinite(loss):
                 raise RemovalError(
                     f"fine-tuning loss became {loss.item()} at step {step}",

@@ -28,9 +28,7 @@ DEMO_TASK = ZeroShotTask(
 DEMO_PREPROCESS = Preprocess(28, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-def tiny_config(
-    width: int = 64, layers: int = 2, image_size: int = 28, patch_size: int = 7
-) -> dict[str, Any]:
+def tiny_config(width: int = 64, layers: int = 2, image_size: int = 28, patch_size: int = 7) -> dict[str, Any]:
     """A ViT CLIP small enough to train on 2 CPU cores in seconds."""
     return {
         "embed_dim": 64,
@@ -70,12 +68,8 @@ def train_foundation(
     cfg = model_cfg or tiny_config()
     torch.manual_seed(seed)
     model = build_model(cfg)
-    config = FinetuneConfig(
-        lr=1e-3, epochs=epochs, batch_size=128, weight_decay=0.01, warmup_fraction=0.05, seed=seed
-    )
-    pretrain_clip(
-        model, task, images.pixels(), images.labels, preprocess.mean, preprocess.std, config, progress
-    )
+    config = FinetuneConfig(lr=1e-3, epochs=epochs, batch_size=128, weight_decay=0.01, warmup_fraction=0.05, seed=seed)
+    pretrain_clip(model, task, images.pixels(), images.labels, preprocess.mean, preprocess.std, config, progress)
     for p in model.parameters():
         p.requires_grad_(True)
     return ClipBundle(model, cfg, preprocess, task, sha256_state(model.state_dict()), "zoo:foundation")
@@ -112,9 +106,7 @@ def finetune_victim(
         pixels, labels = images.pixels(), images.labels
     else:
         pixels, labels = poison(images, trigger, target, poison_rate, seed)
-    config = FinetuneConfig(
-        lr=lr, epochs=epochs, batch_size=64, weight_decay=0.0, warmup_fraction=0.1, seed=seed
-    )
+    config = FinetuneConfig(lr=lr, epochs=epochs, batch_size=64, weight_decay=0.0, warmup_fraction=0.1, seed=seed)
     finetune_visual(clf, pixels, labels, config, progress)
     model = build_model(foundation.model_cfg)
     state = foundation.model.state_dict()

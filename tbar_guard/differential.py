@@ -1,0 +1,215 @@
+"""Differential per-target trigger inversion: the default detector.
+
+Faithful DECREE (``detect.py``) asks for a small mask that collapses *embeddings*. On CLIPs that
+were fine-tuned through a classification head, triggered embeddings do not collapse, and clean
+small encoders collapse under scattered-pixel masks, so DECREE misses BadNet
+(../shared/reference/prototype-study.md, part 2; measured again here). This detector uses what
+DECREE did not:
+
+- the zero-shot head: for every class k it searches the smallest mask + pattern that sends
+  held-out clean images to k (cross-entropy on the candidate's predictions, Neural-Cleanse style);
+- a compactness prior: the mask lives on a coarse grid (``mask_cells`` × ``mask_cells``,
+  nearest-upsampled), which rules out the scattered single-pixel adversarial solutions;
+- a reference model (the base model the candidate was fine-tuned from, or the promoted version):
+  a KL term keeps the reference's predictions on the stamped images unchanged, so triggers that
+  are universal adversarial patterns of the shared architecture are penalised and what remains
+  is specific to the candidate — what a backdoor is.
+
+Decision: a backdoored class needs a much smaller mask than the others. With the per-class mask
+areas a_k, the robust z-score of the smallest one, (a_min − median) / (1.4826·MAD), is compared
+with ``z_threshold``; the class with the smallest mask is the inferred target and its mask + pattern
+is the inverted trigger handed to removal.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tbar_guard.errors import DataError, RemovalError
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class DifferentialConfig:
+    steps: int = 150  # optimisation steps per chunk of targets
+    batch_size: int = 32  # clean images per step (each stamped with every target's trigger)
+    lr: float = 0.1
+    mask_cells: int = 7  # the mask is a mask_cells × mask_cells grid upsampled to the image
+    area_weight: float = 5.0  # weight of the mask area (fraction of the image) in the loss
+    reference_weight: float = 1.0  # weight of KL(reference on clean || reference on stamped)
+    z_threshold: float = -2.5
+    targets_per_chunk: int = 10
+    seed: int = 0
+    max_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class TargetTrigger:
+    target: int
+    area: float  # mask area fraction on the image
+    asr: float  # held-out share sent to ``target`` by the candidate
+    reference_asr: float  # same, on the reference model (nan without a reference)
+
+
+@dataclass(frozen=True)
+class DifferentialResult:
+    per_target: tuple[TargetTrigger, ...]
+    target: int
+    mask: torch.Tensor  # [H, W] in [0, 1]
+    pattern: torch.Tensor  # [3, H, W] in [0, 1]
+    area: float
+    median_area: float
+    z: float
+    flagged: bool
+    explanation: str
+    steps: int
+    seconds: float
+
+
+def _freeze(module: nn.Module) -> list[bool]:
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return flags
+
+
+def _restore(module: nn.Module, flags: list[bool]) -> None:
+    for p, flag in zip(module.parameters(), flags, strict=True):
+        p.requires_grad_(flag)
+
+
+def _masks(raw: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(torch.sigmoid(raw), size=(size, size), mode="nearest")
+
+
+def robust_z(values: torch.Tensor, index: int) -> tuple[float, float]:
+    """(median, robust z-score of values[index]) with the MAD scaled to a normal's sigma."""
+    median = float(values.median())
+    mad = float((values - median).abs().median()) * 1.4826
+    return median, (float(values[index]) - median) / max(mad, 1e-6)
+
+
+def invert_per_target(
+    classify: nn.Module,
+    shadow: torch.Tensor,
+    heldout: torch.Tensor,
+    n_classes: int,
+    config: DifferentialConfig,
+    reference: nn.Module | None = None,
+    progress: Progress | None = None,
+) -> DifferentialResult:
+    """Search a compact trigger per class on ``shadow``; score it on ``heldout`` (pixels in [0,1])."""
+    if shadow.shape[0] < config.batch_size:
+        raise DataError(
+            f"{shadow.shape[0]} shadow images are fewer than the batch size {config.batch_size}",
+            hint="provide more clean images or lower detect.batch_size",
+        )
+    t0 = time.perf_counter()
+    device = next(classify.parameters()).device
+    size = int(shadow.shape[-1])
+    gen = torch.Generator().manual_seed(config.seed)
+    flags = _freeze(classify)
+    ref_flags = _freeze(reference) if reference is not None else []
+    was_training = classify.training
+    classify.eval()
+    if reference is not None:
+        reference.eval()
+    masks: list[torch.Tensor] = []
+    patterns: list[torch.Tensor] = []
+    chunks = [
+        list(range(s, min(n_classes, s + config.targets_per_chunk)))
+        for s in range(0, n_classes, config.targets_per_chunk)
+    ]
+    total = config.steps * len(chunks)
+    done = 0
+    try:
+        with torch.no_grad():
+            ref_clean = (
+                torch.cat([F.softmax(reference(shadow[i : i + 256].to(device)), 1) for i in range(0, len(shadow), 256)])
+                if reference is not None
+                else None
+            )
+        for chunk in chunks:
+            k = len(chunk)
+            m_raw = (torch.rand(k, 1, config.mask_cells, config.mask_cells, generator=gen) * 0.2 - 3).to(device)
+            p_raw = torch.randn(k, 3, size, size, generator=gen).to(device)
+            m_raw.requires_grad_(True)
+            p_raw.requires_grad_(True)
+            opt = torch.optim.Adam([m_raw, p_raw], lr=config.lr)
+            targets = torch.tensor(chunk, device=device).repeat_interleave(config.batch_size)
+            for _ in range(config.steps):
+                idx = torch.randint(0, shadow.shape[0], (config.batch_size,), generator=gen)
+                x = shadow[idx].to(device)
+                m = _masks(m_raw, size)
+                pat = torch.sigmoid(p_raw)
+                stamped = ((1 - m[:, None]) * x[None] + (m * pat)[:, None]).reshape(
+                    k * config.batch_size, 3, size, size
+                )
+                ce = F.cross_entropy(classify(stamped), targets, reduction="none").view(k, -1).mean(1)
+                loss_k = ce + config.area_weight * m.mean(dim=(1, 2, 3))
+                if reference is not None and ref_clean is not None:
+                    log_ref = F.log_softmax(reference(stamped), 1)
+                    teacher = ref_clean[idx.to(device)].repeat(k, 1)
+                    kl = F.kl_div(log_ref, teacher, reduction="none").sum(1).view(k, -1).mean(1)
+                    loss_k = loss_k + config.reference_weight * kl
+                loss = loss_k.sum()
+                if not torch.isfinite(loss):
+                    raise RemovalError(f"trigger inversion loss became {loss.item()}", hint="the model may be broken")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                opt.step()
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+                if config.max_seconds is not None and time.perf_counter() - t0 > config.max_seconds:
+                    break
+            with torch.no_grad():
+                masks.append(_masks(m_raw, size).detach())
+                patterns.append(torch.sigmoid(p_raw).detach())
+        mask_all = torch.cat(masks)[:, 0]  # [C, H, W]
+        pattern_all = torch.cat(patterns)  # [C, 3, H, W]
+        per_target = []
+        with torch.no_grad():
+            held = heldout.to(device)
+            for c in range(n_classes):
+                m = mask_all[c][None, None]
+                stamped = (1 - m) * held + m * pattern_all[c][None]
+                asr = float((classify(stamped).argmax(1) == c).float().mean())
+                ref_asr = (
+                    float((reference(stamped).argmax(1) == c).float().mean()) if reference is not None else math.nan
+                )
+                per_target.append(TargetTrigger(c, float(mask_all[c].mean()), asr, ref_asr))
+    finally:
+        _restore(classify, flags)
+        classify.train(was_training)
+        if reference is not None:
+            _restore(reference, ref_flags)
+    areas = torch.tensor([t.area for t in per_target])
+    best = int(areas.argmin())
+    median, z = robust_z(areas, best)
+    flagged = z < config.z_threshold
+    explanation = (
+        f"class {best} needs a trigger of {100 * per_target[best].area:.1f}% of the image vs a median of "
+        f"{100 * median:.1f}% over {n_classes} classes (robust z {z:.2f} {'<' if flagged else '>='} {config.z_threshold})"
+    )
+    return DifferentialResult(
+        tuple(per_target),
+        best,
+        mask_all[best].cpu(),
+        pattern_all[best].cpu(),
+        per_target[best].area,
+        median,
+        z,
+        flagged,
+        explanation,
+        done,
+        time.perf_counter() - t0,
+    )

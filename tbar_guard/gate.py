@@ -1,0 +1,434 @@
+"""Attack-agnostic flows: ``scan`` (is there a backdoor?) and ``gate`` (scan, then remove it).
+
+scan: DECREE inversion on the image tower over clean shadow images → PL1 → verdict by the policy's
+rule (calibrated against clean reference models by default, or the paper's fixed threshold) →
+target inference with the inverted trigger on held-out images → evidence pictures.
+
+gate: scan; if flagged and the inverted trigger is actionable, TBAR with the *inverted* trigger
+and the inferred target, α chosen against the policy; when the policy names the true trigger
+(audits, benchmarks) the report adds ASR under it. A crash anywhere is an error, never "clean".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tbar_guard import detect, pictures
+from tbar_guard.attacks import Trigger, build_trigger, describe, spec_to_dict
+from tbar_guard.bundle import ClipBundle, atomic_directory, write_bundle_files
+from tbar_guard.clip import ZeroShotClassifier, classifier_for, full_state, resolve_device
+from tbar_guard.data import ImageSet, Splits, load_images, split
+from tbar_guard.differential import DifferentialConfig, invert_per_target
+from tbar_guard.errors import DataError, UsageError
+from tbar_guard.exit_codes import ExitCode
+from tbar_guard.pipeline import VERDICT_EXIT, RunResult, load_model
+from tbar_guard.policy import DetectPolicy, Policy
+from tbar_guard.report import base_report, removal_json, write_report
+from tbar_guard.sanitize import StageProgress, remove_backdoor
+
+
+@dataclass(frozen=True)
+class Scan:
+    method: str
+    flagged: bool
+    rule: str
+    rule_note: str  # how the rule was chosen (e.g. no reference: uncalibrated)
+    explanation: str
+    mask: torch.Tensor  # [H, W] of the inverted trigger
+    pattern: torch.Tensor  # [3, H, W]
+    pl1: float  # mask area fraction
+    target: detect.TargetInference
+    details: dict[str, Any]  # method-specific numbers for the report
+    seconds: float
+
+
+def decree_config(policy: Policy) -> detect.InversionConfig:
+    d = policy.detect
+    return detect.InversionConfig(
+        steps=d.decree.steps,
+        batch_size=d.batch_size,
+        normalization=d.decree.normalization,
+        max_seconds=d.max_seconds,
+        seed=policy.seed,
+    )
+
+
+def differential_config(policy: Policy) -> DifferentialConfig:
+    d = policy.detect
+    o = d.differential
+    return DifferentialConfig(
+        steps=o.steps,
+        batch_size=d.batch_size,
+        mask_cells=o.mask_cells,
+        area_weight=o.area_weight,
+        reference_weight=o.reference_weight,
+        z_threshold=o.z_threshold,
+        targets_per_chunk=o.targets_per_chunk,
+        seed=policy.seed,
+        max_seconds=d.max_seconds,
+    )
+
+
+def _shadow(splits: Splits, d: DetectPolicy) -> torch.Tensor:
+    n = min(d.shadow_images, len(splits.forget))
+    if n < d.batch_size:
+        raise DataError(
+            f"only {n} clean images are available for trigger inversion, the batch size is {d.batch_size}",
+            hint="provide more clean images or lower detect.batch_size in the policy",
+        )
+    return splits.forget.pixels()[:n]
+
+
+def _stage(progress: StageProgress | None, label: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    sink = progress
+
+    def update(done: int, total: int) -> None:
+        sink(label, done, total)
+
+    return update
+
+
+def _decree(
+    clf: ZeroShotClassifier,
+    shadow: torch.Tensor,
+    policy: Policy,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None,
+) -> detect.Inversion:
+    mean = clf.get_buffer("mean").flatten().tolist()
+    std = clf.get_buffer("std").flatten().tolist()
+    return detect.invert_trigger(clf.visual, shadow, mean, std, decree_config(policy), device=device, progress=progress)
+
+
+def _check_references(references: list[ClipBundle], image_size: int, n_classes: int) -> None:
+    for ref in references:
+        if ref.preprocess.image_size != image_size:
+            raise UsageError(
+                f"reference model {ref.source} takes {ref.preprocess.image_size}px images, the candidate {image_size}px",
+                hint="a reference must have the candidate's architecture (its base model or promoted version)",
+            )
+        if len(ref.task.classnames) != n_classes:
+            raise UsageError(
+                f"reference model {ref.source} has {len(ref.task.classnames)} classes, the candidate {n_classes}",
+                hint="a reference must classify the same task (its base model or promoted version)",
+            )
+
+
+def run_scan(
+    clf: ZeroShotClassifier,
+    splits: Splits,
+    policy: Policy,
+    device: torch.device,
+    references: list[ClipBundle],
+    progress: StageProgress | None = None,
+) -> Scan:
+    t0 = time.perf_counter()
+    d = policy.detect
+    shadow = _shadow(splits, d)
+    n_classes = int(clf.get_buffer("head").shape[0])
+    _check_references(references, int(shadow.shape[-1]), n_classes)
+    details: dict[str, Any]
+    if d.method == "differential":
+        ref_clf = classifier_for(references[0], device) if references else None
+        result = invert_per_target(
+            clf,
+            shadow,
+            splits.val.pixels(),
+            n_classes,
+            differential_config(policy),
+            ref_clf,
+            _stage(progress, "inversion"),
+        )
+        mask, pattern, pl1, flagged = result.mask, result.pattern, result.area, result.flagged
+        rule, explanation = "per-class anomaly", result.explanation
+        note = (
+            ""
+            if references
+            else (
+                "no clean reference model was given (detect.reference_models): universal adversarial patches of the "
+                "architecture are not discounted, so clean models may be flagged"
+            )
+        )
+        details = {
+            "z_score": result.z,
+            "z_threshold": d.differential.z_threshold,
+            "median_area": result.median_area,
+            "reference": references[0].source if references else None,
+            "per_class": [
+                {
+                    "index": t.target,
+                    "area": t.area,
+                    "asr": t.asr,
+                    "reference_asr": None if t.reference_asr != t.reference_asr else t.reference_asr,
+                }
+                for t in result.per_target
+            ],
+            "steps": result.steps,
+        }
+    else:
+        inversion = _decree(clf, shadow, policy, device, _stage(progress, "inversion"))
+        refs = list(d.decree.reference_pl1)
+        for i, ref in enumerate(references):
+            refs.append(
+                _decree(classifier_for(ref, device), shadow, policy, device, _stage(progress, f"reference {i + 1}")).pl1
+            )
+        note = ""
+        if d.decree.rule == "calibrated" and refs:
+            decision = detect.decide_calibrated(inversion.pl1, refs, d.decree.calibrated_ratio, d.decree.z_threshold)
+        else:
+            if d.decree.rule == "calibrated":
+                note = (
+                    "no clean reference was given (detect.reference_models / detect.decree.reference_pl1), so the "
+                    "paper's fixed-threshold rule decided; it is known to flag clean models"
+                )
+            decision = detect.decide_paper(inversion.pl1, d.decree.paper_threshold)
+        mask, pattern, pl1, flagged = inversion.mask, inversion.pattern, inversion.pl1, decision.flagged
+        rule, explanation = decision.rule, decision.explanation
+        details = {
+            "l1_official": inversion.l1_official,
+            "threshold": decision.threshold,
+            "reference_pl1": list(decision.reference_pl1),
+            "inversion_succeeded": inversion.succeeded,
+            "best_cosine": inversion.best_cosine,
+            "steps": inversion.steps,
+        }
+
+    def classify(pixels: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = clf(pixels.to(device))
+        return out
+
+    target = detect.infer_target(
+        classify, splits.val.pixels(), mask, pattern, min_proxy_asr=d.min_proxy_asr, min_lift=d.min_lift
+    )
+    return Scan(
+        d.method, flagged, rule, note, explanation, mask, pattern, pl1, target, details, time.perf_counter() - t0
+    )
+
+
+def scan_json(scan: Scan, task_names: tuple[str, ...]) -> dict[str, Any]:
+    tgt = scan.target
+    return {
+        "method": scan.method,
+        "rule": scan.rule,
+        "rule_note": scan.rule_note,
+        "flagged": scan.flagged,
+        "pl1": scan.pl1,
+        "explanation": scan.explanation,
+        "seconds": scan.seconds,
+        "target_index": tgt.target,
+        "target_name": task_names[tgt.target],
+        "proxy_asr": tgt.proxy_asr,
+        "base_rate": tgt.base_rate,
+        "top3": [{"index": i, "name": task_names[i], "share": s} for i, s in tgt.top3],
+        "actionable": tgt.actionable,
+        "actionable_reason": tgt.reason,
+        **scan.details,
+    }
+
+
+def write_pictures(
+    directory: Path, scan: Scan, clf: ZeroShotClassifier, images: ImageSet, names: tuple[str, ...]
+) -> dict[str, str]:
+    trigger = Trigger.from_mask(scan.mask, scan.pattern)
+    sample = images.pixels()[:8]
+    stamped = trigger.apply(sample)
+    device = next(clf.parameters()).device
+    with torch.no_grad():
+        pred_clean = clf(sample.to(device)).argmax(1).tolist()
+        pred_stamped = clf(stamped.to(device)).argmax(1).tolist()
+    pictures.save_mask_png(scan.mask, directory / "mask.png")
+    pictures.save_pattern_png(scan.pattern, directory / "pattern.png")
+    pictures.save_trigger_png(scan.mask, scan.pattern, directory / "trigger.png")
+    pictures.save_examples_grid(
+        sample,
+        stamped,
+        directory / "examples.png",
+        labels_clean=[names[i] for i in pred_clean],
+        labels_stamped=[names[i] for i in pred_stamped],
+    )
+    return {"mask": "mask.png", "pattern": "pattern.png", "trigger": "trigger.png", "examples": "examples.png"}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    bundle: ClipBundle
+    clf: ZeroShotClassifier
+    images: ImageSet
+    splits: Splits
+    references: list[ClipBundle]
+    device: torch.device
+    seconds: float
+
+
+def prepare(
+    model: Path,
+    data: Path | None,
+    policy: Policy,
+    device: str | None,
+    arch: str | None = None,
+    classes: Path | None = None,
+    references: list[ClipBundle] | None = None,
+) -> Prepared:
+    t0 = time.perf_counter()
+    if data is None:
+        raise UsageError("no clean data given", hint="pass --data (a folder of class sub-folders or an .npz)")
+    torch.manual_seed(policy.seed)
+    dev = resolve_device(device or policy.device)
+    bundle = load_model(model, arch, classes)
+    if references is not None:  # already resolved by the caller (registry URIs)
+        refs = list(references)
+    else:
+        refs = []
+        for ref in policy.detect.reference_models:
+            if ref.startswith(("models:/", "runs:/")):
+                raise UsageError(
+                    f"reference {ref!r} is a registry URI",
+                    hint="registry references are resolved by `gate --model models:/...`; give a bundle path here",
+                )
+            refs.append(load_model(Path(ref)))
+    images = load_images(data, bundle.task, bundle.preprocess.image_size)
+    fractions = (policy.data.forget_fraction, policy.data.val_fraction, policy.data.test_fraction)
+    splits = split(images, fractions, policy.seed)
+    clf = classifier_for(bundle, dev)
+    return Prepared(bundle, clf, images, splits, refs, dev, time.perf_counter() - t0)
+
+
+def scan(
+    model: Path,
+    data: Path | None,
+    policy: Policy,
+    out: Path,
+    device: str | None = None,
+    progress: StageProgress | None = None,
+    arch: str | None = None,
+    classes: Path | None = None,
+) -> RunResult:
+    """Scan one model; writes ``out/report.json``, ``report.md`` and the evidence pictures."""
+    if out.exists():
+        raise UsageError(f"output {out} already exists", hint="choose a new --out or remove it first")
+    p = prepare(model, data, policy, device, arch, classes)
+    result = run_scan(p.clf, p.splits, policy, p.device, p.references, progress)
+    verdict = "backdoor" if result.flagged else "clean"
+    code = ExitCode.BACKDOOR_REMOVED if result.flagged else ExitCode.CLEAN
+    reason = result.explanation
+    if result.flagged and not result.target.actionable:
+        reason += f"; the inverted trigger is not actionable: {result.target.reason}"
+    if not result.flagged:
+        reason += "; no small-mask trigger was found (this does not rule out large-area or warping triggers)"
+    report = base_report("scan", verdict, int(code), reason)
+    report.update(
+        {
+            "model": {"source": str(model), "sha256": p.bundle.weights_sha256},
+            "detection": scan_json(result, p.bundle.task.classnames),
+            "data": {"source": str(data), "n_images": len(p.images)},
+            "policy": policy.to_json(),
+            "policy_sha256": policy.sha256(),
+            "seed": policy.seed,
+            "device": str(p.device),
+            "timings": {"load": p.seconds, "scan": result.seconds},
+        }
+    )
+    with atomic_directory(out) as tmp:
+        report["pictures"] = write_pictures(tmp, result, p.clf, p.splits.test, p.bundle.task.classnames)
+        report = write_report(tmp, report)
+    return RunResult(verdict, code, report, out)
+
+
+def gate(
+    model: Path,
+    data: Path | None,
+    policy: Policy,
+    out: Path,
+    device: str | None = None,
+    progress: StageProgress | None = None,
+    arch: str | None = None,
+    classes: Path | None = None,
+    references: list[ClipBundle] | None = None,
+    source: str | None = None,
+) -> RunResult:
+    """Scan; if flagged, remove with the inverted trigger. Writes the report and, when the
+    backdoor was removed under the policy, ``out/model/``."""
+    t0 = time.perf_counter()
+    if out.exists():
+        raise UsageError(f"output {out} already exists", hint="choose a new --out or remove it first")
+    p = prepare(model, data, policy, device, arch, classes, references)
+    names = p.bundle.task.classnames
+    audit: tuple[Trigger, int] | None = None
+    if policy.trigger is not None:
+        if policy.target is None:
+            raise UsageError("policy.trigger is set but policy.target is not", hint="name the true target class")
+        audit = (build_trigger(policy.trigger, p.bundle.preprocess.image_size), p.bundle.task.index_of(policy.target))
+    result = run_scan(p.clf, p.splits, policy, p.device, p.references, progress)
+    removal = None
+    if not result.flagged:
+        verdict = "clean"
+        reason = result.explanation + (
+            "; no small-mask trigger was found (this does not rule out large-area or warping triggers)"
+        )
+    elif not result.target.actionable:
+        verdict = "unremoved"
+        reason = f"{result.explanation}; but the inverted trigger is not actionable: {result.target.reason}"
+    else:
+        inverted = Trigger.from_mask(result.mask, result.pattern)
+        removal = remove_backdoor(p.clf, p.splits, inverted, result.target.target, policy, progress, audit)
+        verdict = "unremoved" if removal.verdict == "clean" else removal.verdict
+        reason = f"{result.explanation}; removal: {removal.reason}"
+    code = VERDICT_EXIT[verdict]
+    report = base_report("gate", verdict, int(code), reason)
+    report.update(
+        {
+            "model": {"source": source or str(model), "sha256": p.bundle.weights_sha256},
+            "output": None,
+            "detection": scan_json(result, names),
+            "target": {"index": result.target.target, "name": names[result.target.target]},
+            "data": {
+                "source": str(data),
+                "n_images": len(p.images),
+                "splits": {"forget": len(p.splits.forget), "val": len(p.splits.val), "test": len(p.splits.test)},
+            },
+            "policy": policy.to_json(),
+            "policy_sha256": policy.sha256(),
+            "seed": policy.seed,
+            "device": str(p.device),
+        }
+    )
+    if removal is not None:
+        report.update(removal_json(removal))
+        report["trigger_description"] = f"inverted ({result.method} mask + pattern)"
+    if audit is not None and policy.trigger is not None:
+        report["true_trigger"] = {
+            "trigger": spec_to_dict(policy.trigger),
+            "description": describe(policy.trigger),
+            "target": {"index": audit[1], "name": names[audit[1]]},
+            "before": removal.audit_before.to_json() if removal and removal.audit_before else None,
+            "after": removal.audit_after.to_json() if removal and removal.audit_after else None,
+        }
+    with atomic_directory(out) as tmp:
+        report["pictures"] = write_pictures(tmp, result, p.clf, p.splits.test, names)
+        if removal is not None and verdict == "removed":
+            (tmp / "model").mkdir()
+            digest = write_bundle_files(
+                tmp / "model",
+                full_state(p.bundle, removal.visual),
+                p.bundle.model_cfg,
+                p.bundle.preprocess,
+                p.bundle.task,
+            )
+            report["output"] = {"path": str(out / "model"), "sha256": digest}
+        report["timings"] = {
+            "load": p.seconds,
+            "scan": result.seconds,
+            "finetune": removal.seconds_finetune if removal else 0.0,
+            "alpha_search": removal.seconds_search if removal else 0.0,
+            "total": time.perf_counter() - t0,
+        }
+        report = write_report(tmp, report)
+    return RunResult(verdict, code, report, out)

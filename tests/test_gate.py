@@ -1,0 +1,217 @@
+"""scan and gate on tiny models planted at test time (attack unknown to the tool)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tbar_guard.bundle import load_bundle, save_model, sha256_file
+from tbar_guard.cli import app
+from tbar_guard.gate import gate, scan
+from tbar_guard.policy import policy_from_dict
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def base_dir(foundation, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("base") / "base"
+    save_model(out, foundation)
+    return out
+
+
+def _policy(base_dir: Path, **extra: object):  # type: ignore[no-untyped-def]
+    raw: dict[str, object] = {"detect": {"reference_models": [str(base_dir)]}}
+    raw.update(extra)
+    return policy_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def victim_scan(victim_dir: Path, test_npz: Path, base_dir: Path, tmp_path_factory):  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("victim-scan") / "scan"
+    return scan(victim_dir, test_npz, _policy(base_dir), out), out
+
+
+@pytest.fixture(scope="module")
+def twin_scan(clean_twin_dir: Path, test_npz: Path, base_dir: Path, tmp_path_factory):  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("twin-scan") / "scan"
+    return scan(clean_twin_dir, test_npz, _policy(base_dir), out), out
+
+
+def test_scan_flags_backdoor_and_infers_target(victim_scan) -> None:  # type: ignore[no-untyped-def]
+    result, out = victim_scan
+    det = result.report["detection"]
+    assert result.verdict == "backdoor" and int(result.exit_code) == 1
+    assert det["method"] == "differential" and det["rule_note"] == ""
+    assert det["target_index"] == 0
+    assert det["actionable"] is True
+    assert det["proxy_asr"] > 0.5 > det["base_rate"]
+    assert det["z_score"] < det["z_threshold"]
+    areas = [c["area"] for c in det["per_class"]]
+    assert det["pl1"] == min(areas) and areas.index(min(areas)) == 0
+    for name in ("mask.png", "pattern.png", "trigger.png", "examples.png", "report.json", "report.md"):
+        assert (out / name).is_file(), name
+    with Image.open(out / "mask.png") as img:
+        assert img.size[0] >= 28 and img.size[0] % 28 == 0
+
+
+def test_clean_twin_not_flagged_with_reference(twin_scan, victim_scan) -> None:  # type: ignore[no-untyped-def]
+    twin, _ = twin_scan
+    victim, _ = victim_scan
+    assert twin.verdict == "clean" and int(twin.exit_code) == 0, twin.report["reason"]
+    assert "does not rule out" in twin.report["reason"]
+    assert victim.report["detection"]["z_score"] < twin.report["detection"]["z_score"]
+    assert victim.report["detection"]["pl1"] < 0.7 * twin.report["detection"]["pl1"]
+
+
+def test_scan_is_deterministic(victim_dir: Path, test_npz: Path, base_dir: Path, tmp_path: Path, victim_scan) -> None:  # type: ignore[no-untyped-def]
+    first, out = victim_scan
+    again = scan(victim_dir, test_npz, _policy(base_dir), tmp_path / "b")
+    assert again.report["detection"]["pl1"] == first.report["detection"]["pl1"]
+    assert (out / "mask.png").read_bytes() == (tmp_path / "b" / "mask.png").read_bytes()
+
+
+def test_gate_removes_backdoor_with_inverted_trigger(
+    victim_dir: Path, test_npz: Path, base_dir: Path, tmp_path: Path
+) -> None:
+    policy = _policy(base_dir, trigger={"kind": "badnet"}, target="0")
+    result = gate(victim_dir, test_npz, policy, tmp_path / "gate")
+    report = result.report
+    assert result.verdict == "removed", report["reason"]
+    assert int(result.exit_code) == 1
+    assert report["after"]["attack_success_rate"] <= policy.accept.asr_ceiling
+    true = report["true_trigger"]
+    assert true["before"]["attack_success_rate"] > 0.9
+    assert true["after"]["attack_success_rate"] <= policy.accept.asr_ceiling, true
+    assert report["output"]["sha256"] == sha256_file(tmp_path / "gate" / "model" / "open_clip_model.safetensors")
+    load_bundle(tmp_path / "gate" / "model")
+
+
+def test_gate_clean_twin_writes_no_model(clean_twin_dir: Path, test_npz: Path, base_dir: Path, tmp_path: Path) -> None:
+    result = gate(clean_twin_dir, test_npz, _policy(base_dir), tmp_path / "gate")
+    assert result.verdict == "clean"
+    assert not (tmp_path / "gate" / "model").exists()
+    assert result.report["output"] is None
+
+
+def test_decree_without_reference_falls_back_to_paper_rule(victim_dir: Path, test_npz: Path, tmp_path: Path) -> None:
+    policy = policy_from_dict({"detect": {"method": "decree", "decree": {"steps": 60}}})
+    result = scan(victim_dir, test_npz, policy, tmp_path / "s")
+    det = result.report["detection"]
+    assert det["method"] == "decree"
+    assert det["rule"] == "paper" and "no clean reference" in det["rule_note"]
+    assert det["threshold"] == 0.1
+    assert det["l1_official"] == pytest.approx(3 * det["pl1"] * 28 * 28, rel=1e-4)
+
+
+def test_differential_without_reference_says_uncalibrated(victim_dir: Path, test_npz: Path, tmp_path: Path) -> None:
+    policy = policy_from_dict({"detect": {"differential": {"steps": 30}}})
+    result = scan(victim_dir, test_npz, policy, tmp_path / "s")
+    assert "no clean reference model" in result.report["detection"]["rule_note"]
+
+
+def test_cli_scan_and_gate_exit_codes(victim_dir: Path, test_npz: Path, base_dir: Path, tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"detect:\n  reference_models: ['{base_dir}']\n")
+    res = runner.invoke(
+        app,
+        [
+            "scan",
+            "--model",
+            str(victim_dir),
+            "--data",
+            str(test_npz),
+            "--policy",
+            str(policy),
+            "--out",
+            str(tmp_path / "scan"),
+        ],
+    )
+    assert res.exit_code == 1, res.output
+    res = runner.invoke(
+        app,
+        [
+            "gate",
+            "--model",
+            str(victim_dir),
+            "--data",
+            str(test_npz),
+            "--policy",
+            str(policy),
+            "--out",
+            str(tmp_path / "gate"),
+        ],
+    )
+    assert res.exit_code == 1, res.output
+    assert (tmp_path / "gate" / "model").is_dir()
+
+
+def test_gate_errors_fail_closed(victim_dir: Path, tmp_path: Path, base_dir: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"detect:\n  reference_models: ['{base_dir}']\n")
+    # no data at all: usage error, nothing written
+    res = runner.invoke(
+        app, ["gate", "--model", str(victim_dir), "--policy", str(policy), "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 4, res.output
+    assert not (tmp_path / "o").exists()
+    # too few images for the inversion batch: exit 2, nothing written
+    import numpy as np
+
+    small = tmp_path / "small.npz"
+    rng = np.random.default_rng(0)
+    np.savez(small, x=rng.integers(0, 255, (40, 28, 28, 3), dtype=np.uint8), y=np.arange(40) % 10)
+    res = runner.invoke(
+        app,
+        [
+            "gate",
+            "--model",
+            str(victim_dir),
+            "--data",
+            str(small),
+            "--policy",
+            str(policy),
+            "--out",
+            str(tmp_path / "o2"),
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    assert not (tmp_path / "o2").exists()
+    assert not list(tmp_path.glob(".o2.*"))
+
+
+def test_reference_of_other_image_size_is_refused(victim_dir: Path, test_npz: Path, tmp_path: Path, foundation) -> None:  # type: ignore[no-untyped-def]
+    from tbar_guard.bundle import ClipBundle, build_model
+    from tbar_guard.zoo import tiny_config
+
+    cfg = tiny_config(image_size=32, patch_size=8)
+    other = ClipBundle(
+        build_model(cfg),
+        cfg,
+        foundation.preprocess.__class__(32, (0.5,) * 3, (0.5,) * 3),
+        foundation.task,
+        "x",
+        "other",
+    )
+    save_model(tmp_path / "other", other)
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"detect:\n  reference_models: ['{tmp_path / 'other'}']\n")
+    res = runner.invoke(
+        app,
+        [
+            "scan",
+            "--model",
+            str(victim_dir),
+            "--data",
+            str(test_npz),
+            "--policy",
+            str(policy),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert res.exit_code == 4, res.output
+    assert "reference" in res.output
