@@ -99,6 +99,25 @@ def _coerce(value: str) -> Any:
         return value
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets (``location=[5,7],size=3``)."""
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for ch in text:
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
 def parse_trigger(text: str) -> TriggerSpec:
     """Parse ``kind[:key=value,...]``, inline JSON, or a path to a YAML/JSON file.
 
@@ -117,10 +136,14 @@ def parse_trigger(text: str) -> TriggerSpec:
     if path.suffix.lower() in (".yaml", ".yml", ".json"):
         if not path.is_file():
             raise UsageError(f"trigger spec file {path} does not exist")
-        return spec_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+        try:
+            raw_file = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise UsageError(f"trigger spec file {path} is not valid YAML/JSON: {exc}") from None
+        return spec_from_dict(raw_file)
     kind, _, rest = text.partition(":")
     raw: dict[str, Any] = {"kind": kind.strip()}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
+    for item in filter(None, (p.strip() for p in _split_top_level(rest))):
         key, eq, value = item.partition("=")
         if not eq:
             raise UsageError(

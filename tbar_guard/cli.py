@@ -22,6 +22,12 @@ from tbar_guard.exit_codes import ExitCode
 # Click reports bad arguments with exit code 2, which is tbar-guard's "error" code. The CI
 # contract says usage problems exit 4, so every click usage error uses that code.
 click.exceptions.UsageError.exit_code = int(ExitCode.USAGE)
+try:  # typer >= 0.29 vendors its own copy of click and raises that copy's errors
+    import typer._click.exceptions as _typer_click_exceptions
+
+    _typer_click_exceptions.UsageError.exit_code = int(ExitCode.USAGE)
+except ImportError:  # an older typer uses click itself
+    pass
 
 app = typer.Typer(
     name="tbar-guard",
@@ -74,7 +80,7 @@ def _guard(run: Callable[[], ExitCode]) -> None:
     except TbarGuardError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:
-        err_console.print("interrupted: nothing was written or registered", highlight=False)
+        err_console.print("interrupted: nothing was written or registered", highlight=False, soft_wrap=True)
         raise typer.Exit(int(ExitCode.ERROR)) from None
     except Exception as exc:  # an unexpected crash is an error verdict, never "clean"
         if os.environ.get("TBAR_GUARD_DEBUG"):
@@ -92,7 +98,7 @@ def _guard(run: Callable[[], ExitCode]) -> None:
 def _print_summary(report: dict[str, Any], out: Path | None) -> None:
     verdict = str(report["verdict"])
     colour = {"clean": "green", "removed": "yellow", "unremoved": "red", "backdoor": "red"}.get(verdict, "white")
-    out_console.print(f"verdict: [bold {colour}]{verdict}[/]  {report['reason']}", highlight=False)
+    out_console.print(f"verdict: [bold {colour}]{verdict}[/]  {report['reason']}", highlight=False, soft_wrap=True)
     if "before" in report and "after" in report:
         table = Table(title="test split")
         table.add_column("")
@@ -104,11 +110,11 @@ def _print_summary(report: dict[str, Any], out: Path | None) -> None:
             table.add_row(row, f"{100 * m['clean_accuracy']:.1f}%", "n/a" if asr is None else f"{100 * asr:.1f}%")
         out_console.print(table)
     if "alpha" in report:
-        out_console.print(f"alpha: {report['alpha']:g}", highlight=False)
+        out_console.print(f"alpha: {report['alpha']:g}", highlight=False, soft_wrap=True)
     if out is not None:
-        out_console.print(f"report: {out / 'report.md'}", highlight=False)
+        out_console.print(f"report: {out / 'report.md'}", highlight=False, soft_wrap=True)
         if report.get("output"):
-            out_console.print(f"sanitized model: {report['output']['path']}", highlight=False)
+            out_console.print(f"sanitized model: {report['output']['path']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -224,7 +230,7 @@ def push(
         from tbar_guard.promote import push_model
 
         version = push_model(model, name, alias, tracking_uri)
-        out_console.print(f"registered {version.uri}", highlight=False)
+        out_console.print(f"registered {version.uri}", highlight=False, soft_wrap=True)
         return ExitCode.CLEAN
 
     _guard(run)
@@ -240,13 +246,15 @@ def demo(
         from tbar_guard.demo import run_demo
 
         with _progress() as progress:
-            result = run_demo(workdir, progress, log=lambda msg: err_console.print(msg, highlight=False))
+            result = run_demo(
+                workdir, progress, log=lambda msg: err_console.print(msg, highlight=False, soft_wrap=True)
+            )
         _print_summary(result.report, result.out)
         report = result.report
         if report.get("registered"):
-            out_console.print(f"registered: {report['registered']['uri']}", highlight=False)
+            out_console.print(f"registered: {report['registered']['uri']}", highlight=False, soft_wrap=True)
         if report.get("alias_moved"):
-            out_console.print(f"alias moved: {report['alias_moved']}", highlight=False)
+            out_console.print(f"alias moved: {report['alias_moved']}", highlight=False, soft_wrap=True)
         out_console.print(
             f"browse: mlflow ui --backend-store-uri sqlite:///{(workdir / 'mlflow.db').resolve()}", highlight=False
         )
@@ -274,7 +282,7 @@ def init_policy(
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(DEFAULT_POLICY_YAML, encoding="utf-8")
         os.replace(tmp, out)
-        err_console.print(f"wrote {out}", highlight=False)
+        err_console.print(f"wrote {out}", highlight=False, soft_wrap=True)
         return ExitCode.CLEAN
 
     _guard(run)
@@ -283,7 +291,7 @@ def init_policy(
 @app.command()
 def version() -> None:
     """Print the version."""
-    out_console.print(__version__, highlight=False)
+    out_console.print(__version__, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ def _is_arith(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TaskVector:
     """``vector[k] = tuned[k] - base[k]`` for every floating-point tensor."""
 
@@ -45,6 +45,13 @@ class TaskVector:
         for key, v in self.vector.items():
             if v.shape != other.vector[key].shape:
                 raise ValueError(f"tensor {key!r}: shape {tuple(v.shape)} vs {tuple(other.vector[key].shape)}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TaskVector) or set(self.vector) != set(other.vector):
+            return False
+        return all(torch.equal(v, other.vector[k]) for k, v in self.vector.items())
+
+    __hash__ = None  # type: ignore[assignment]  # mutable tensors inside: not hashable
 
     def __neg__(self) -> TaskVector:
         return TaskVector(MappingProxyType({k: -v for k, v in self.vector.items()}))

@@ -1,0 +1,338 @@
+"""Known-trigger TBAR on the session BadNet victim, and the α search on synthetic curves.
+
+On this tiny model the removal costs clean accuracy, so the end-to-end tests use a policy whose
+CA floor is 0.85 × the original. Plain TBAR (method ``tbar``) cannot keep the default 0.95 floor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from tbar_guard import __version__
+from tbar_guard.attacks import BadNetSpec, Trigger, build_trigger, parse_trigger
+from tbar_guard.bundle import WEIGHTS_FILE, ClipBundle, load_bundle, sha256_file, sha256_state
+from tbar_guard.clip import classifier_for, resolve_device
+from tbar_guard.data import ImageSet
+from tbar_guard.errors import UsageError
+from tbar_guard.evaluate import evaluate
+from tbar_guard.exit_codes import ExitCode
+from tbar_guard.pipeline import RunResult, sanitize
+from tbar_guard.policy import AcceptPolicy, AlphaPolicy, Policy, policy_from_dict
+from tbar_guard.sanitize import _grid, search_alpha
+
+RELAXED = {"accept": {"ca_floor": 0.85}}  # plain removal costs more than 5% CA on the tiny model
+PLAIN_TBAR = {"sanitize": {"method": "tbar"}}  # the paper's recipe under the default 0.95 floor
+
+
+def _run(victim_dir: Path, test_npz: Path, out: Path, policy: Policy, target: str = "0") -> RunResult:
+    return sanitize(victim_dir, test_npz, policy, parse_trigger("badnet"), target, out)
+
+
+@pytest.fixture(scope="module")
+def removed(victim_dir: Path, test_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+    out = tmp_path_factory.mktemp("sanitize") / "removed"
+    return _run(victim_dir, test_npz, out, policy_from_dict(RELAXED), target="the digit zero")
+
+
+@pytest.fixture(scope="module")
+def unremoved(victim_dir: Path, test_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+    out = tmp_path_factory.mktemp("sanitize") / "unremoved"
+    return _run(victim_dir, test_npz, out, policy_from_dict(PLAIN_TBAR))
+
+
+# --- the victim ---------------------------------------------------------------------------------
+
+
+def test_victim_is_backdoored(badnet_victim: ClipBundle, test_images: ImageSet, badnet_trigger: Trigger) -> None:
+    m = evaluate(classifier_for(badnet_victim), test_images, badnet_trigger, 0)
+    assert m.attack_success_rate is not None and m.attack_success_rate > 0.9
+    assert m.clean_accuracy > 0.75
+    assert m.n_attack == int((test_images.labels != 0).sum())
+
+
+def test_clean_twin_is_not_backdoored(clean_twin: ClipBundle, test_images: ImageSet, badnet_trigger: Trigger) -> None:
+    m = evaluate(classifier_for(clean_twin), test_images, badnet_trigger, 0)
+    assert m.attack_success_rate is not None and m.attack_success_rate < 0.2
+    assert m.clean_accuracy > 0.75
+
+
+# --- end to end: removed ------------------------------------------------------------------------
+
+
+def test_relaxed_policy_removes_the_backdoor(removed: RunResult) -> None:
+    r = removed.report
+    assert removed.verdict == r["verdict"] == "removed", r["reason"]
+    assert removed.exit_code == ExitCode.BACKDOOR_REMOVED == r["exit_code"] == 1
+    assert r["before"]["attack_success_rate"] > 0.9
+    assert r["after"]["attack_success_rate"] <= 0.05
+    assert r["after"]["clean_accuracy"] >= 0.85 * r["before"]["clean_accuracy"]
+
+
+def test_report_contents(removed: RunResult, victim_dir: Path) -> None:
+    assert removed.out is not None
+    r = json.loads((removed.out / "report.json").read_text())
+    assert r == removed.report
+    assert r["tool"] == "tbar-guard" and r["command"] == "sanitize" and r["version"] == __version__
+    assert r["verdict"] == "removed" and r["reason"]
+    assert r["seed"] == 0 and r["device"] == str(resolve_device("auto"))
+    for side in ("before", "after", "val_before"):
+        assert set(r[side]) >= {"clean_accuracy", "attack_success_rate", "n_clean", "n_attack"}
+        assert 0 <= r[side]["clean_accuracy"] <= 1 and 0 <= r[side]["attack_success_rate"] <= 1
+    assert r["trigger"] == {"kind": "badnet", "size": 3, "location": "bottom-right", "color": "white", "seed": 0}
+    assert r["trigger_description"].startswith("badnet(")
+    assert r["target"] == {"index": 0, "name": "the digit zero"}
+    assert r["model"]["sha256"] == sha256_file(victim_dir / WEIGHTS_FILE)
+    assert r["output"]["path"] == str(removed.out / "model")
+    assert r["output"]["sha256"] == sha256_file(removed.out / "model" / WEIGHTS_FILE)
+    assert r["output"]["sha256"] != r["model"]["sha256"]
+    assert r["policy"]["accept"]["ca_floor"] == 0.85
+    assert r["policy_sha256"] == policy_from_dict(RELAXED).sha256()
+    assert r["data"]["n_images"] == 2000
+    assert r["data"]["splits"] == {"forget": 800, "val": 600, "test": 600}
+    assert 0 < r["forget_size"] <= 800 and r["finetune_steps"] > 0
+    assert r["trigger_vector_norm"] > 0 and 0 < r["trigger_vector_relative_norm"] < 1
+    assert set(r["timings"]) == {"load", "finetune", "alpha_search", "total"}
+    assert all(v >= 0 for v in r["timings"].values())
+    assert r["timings"]["total"] >= r["timings"]["finetune"] + r["timings"]["alpha_search"]
+    assert (removed.out / "report.md").read_text().startswith("# tbar-guard sanitize: **REMOVED**")
+    assert (removed.out / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert r["pictures"] == {"alpha_sweep": "alpha_sweep.png"}
+
+
+def test_report_alpha_sweep(removed: RunResult) -> None:
+    r = removed.report
+    sweep = r["alpha_sweep"]
+    alphas = [p["alpha"] for p in sweep]
+    assert alphas == sorted(alphas) and len(set(alphas)) == len(alphas)
+    assert alphas[0] == 0.0
+    assert r["alpha"] in alphas
+    assert r["alpha"] > 0
+    assert len(sweep) < 31
+    for p in sweep:
+        assert set(p) == {"alpha", "clean_accuracy", "attack_success_rate", "feasible"}
+        assert p["feasible"] == (p["clean_accuracy"] >= 0.85 * r["val_before"]["clean_accuracy"] - 1e-12)
+    chosen = next(p for p in sweep if p["alpha"] == r["alpha"])
+    assert chosen["feasible"] and chosen["attack_success_rate"] <= 0.05
+    # the chosen α has the lowest ASR among feasible points, ties to the smaller α
+    best = min((p for p in sweep if p["feasible"]), key=lambda p: (p["attack_success_rate"], p["alpha"]))
+    assert best == chosen
+    # α = 0 is the unmodified victim on the validation split
+    assert sweep[0]["clean_accuracy"] == pytest.approx(r["val_before"]["clean_accuracy"])
+    assert sweep[0]["attack_success_rate"] == pytest.approx(r["val_before"]["attack_success_rate"])
+
+
+def test_written_model_is_sanitized(
+    removed: RunResult, test_images: ImageSet, badnet_trigger: Trigger, badnet_victim: ClipBundle
+) -> None:
+    assert removed.out is not None
+    model = load_bundle(removed.out / "model")
+    assert model.weights_sha256 == removed.report["output"]["sha256"]
+    assert model.task == badnet_victim.task and model.preprocess == badnet_victim.preprocess
+    m = evaluate(classifier_for(model), test_images, badnet_trigger, 0)
+    assert m.attack_success_rate is not None and m.attack_success_rate <= 0.05
+    assert m.clean_accuracy >= 0.85 * 0.8
+    # only the image tower changed
+    new, old = model.model.state_dict(), badnet_victim.model.state_dict()
+    changed = {k for k in new if not torch.equal(new[k], old[k])}
+    assert changed and all(k.startswith("visual.") for k in changed)
+
+
+def test_input_model_is_untouched(removed: RunResult, victim_dir: Path, badnet_victim: ClipBundle) -> None:
+    assert removed.report["model"]["sha256"] == sha256_file(victim_dir / WEIGHTS_FILE)
+    assert sha256_state(load_bundle(victim_dir).model.state_dict()) == sha256_state(badnet_victim.model.state_dict())
+
+
+def test_same_inputs_same_alpha_and_weights(
+    removed: RunResult, victim_dir: Path, test_npz: Path, tmp_path: Path
+) -> None:
+    again = _run(victim_dir, test_npz, tmp_path / "again", policy_from_dict(RELAXED))
+    assert again.verdict == removed.verdict
+    assert again.report["alpha"] == removed.report["alpha"]
+    assert again.report["alpha_sweep"] == removed.report["alpha_sweep"]
+    assert again.report["after"] == removed.report["after"]
+    assert removed.out is not None
+    a = load_bundle(removed.out / "model").model.state_dict()
+    b = load_bundle(tmp_path / "again" / "model").model.state_dict()
+    assert sha256_state(a) == sha256_state(b)
+    assert again.report["output"]["sha256"] == removed.report["output"]["sha256"]
+
+
+# --- end to end: unremoved / clean --------------------------------------------------------------
+
+
+def test_plain_tbar_cannot_meet_the_default_floor(unremoved: RunResult) -> None:
+    r = unremoved.report
+    assert unremoved.verdict == r["verdict"] == "unremoved", r["reason"]
+    assert unremoved.exit_code == ExitCode.UNREMOVED == 3
+    assert r["policy"]["accept"]["ca_floor"] == 0.95
+    assert r["output"] is None
+    assert unremoved.out is not None
+    assert (unremoved.out / "report.json").is_file()
+    assert not (unremoved.out / "model").exists()
+    assert json.loads((unremoved.out / "report.json").read_text())["verdict"] == "unremoved"
+    # every feasible α leaves the ASR above the ceiling
+    feasible = [p for p in r["alpha_sweep"] if p["feasible"]]
+    assert feasible and all(p["attack_success_rate"] > 0.05 for p in feasible)
+    assert "no alpha" in r["reason"]
+
+
+def test_clean_model_gets_clean_verdict(clean_twin_dir: Path, test_npz: Path, tmp_path: Path) -> None:
+    result = _run(clean_twin_dir, test_npz, tmp_path / "o", policy_from_dict(RELAXED))
+    assert result.verdict == "clean" and result.exit_code == ExitCode.CLEAN == 0
+    assert result.report["alpha"] == 0.0 and result.report["alpha_sweep"] == []
+    assert not (tmp_path / "o" / "model").exists()
+    assert (tmp_path / "o" / "report.json").is_file()
+
+
+def test_errors_write_nothing(victim_dir: Path, test_npz: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    with pytest.raises(UsageError, match="target class"):
+        _run(victim_dir, test_npz, out, Policy(), target="the digit eleven")
+    assert not out.exists()
+    out.mkdir()
+    with pytest.raises(UsageError, match="already exists"):
+        _run(victim_dir, test_npz, out, Policy())
+    assert list(out.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_trigger_that_does_not_fit_the_model(victim_dir: Path, test_npz: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="exceeds"):
+        sanitize(victim_dir, test_npz, Policy(), BadNetSpec(size=40), "0", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+# --- search_alpha on synthetic curves -----------------------------------------------------------
+
+
+class Curve:
+    """measure(α) -> (CA, ASR) from two functions, recording every α evaluated."""
+
+    def __init__(self, ca: Callable[[float], float], asr: Callable[[float], float]) -> None:
+        self.ca, self.asr = ca, asr
+        self.calls: list[float] = []
+
+    def __call__(self, a: float) -> tuple[float, float]:
+        self.calls.append(a)
+        return self.ca(a), self.asr(a)
+
+
+ACCEPT = AcceptPolicy(ca_floor=0.9, asr_ceiling=0.05)
+ALPHA = AlphaPolicy()  # 0..6, coarse 0.5, fine 0.1
+
+
+def _linear(start: float, slope: float) -> Callable[[float], float]:
+    return lambda a: min(1.0, max(0.0, start + slope * a))
+
+
+def test_picks_lowest_asr_feasible_alpha() -> None:
+    # CA = 0.8 - 0.039α meets 0.9 × 0.8 = 0.72 up to α ≈ 2.05; ASR falls linearly, never reaching 0
+    curve = Curve(_linear(0.8, -0.039), lambda a: max(0.01, 0.9 - 0.3 * a))
+    choice = search_alpha(curve, 0.8, ACCEPT, ALPHA)
+    assert choice.alpha == 2.0
+    assert choice.point.feasible
+    feasible = [p for p in choice.sweep if p.feasible]
+    assert choice.point.attack_success_rate == min(p.attack_success_rate for p in feasible)
+    assert all(not p.feasible for p in choice.sweep if p.alpha > choice.alpha + 1e-9)
+
+
+def test_fine_grid_refines_between_coarse_points() -> None:
+    # feasible up to α = 1.75: coarse stops at 1.5 (2.0 and 2.5 infeasible); fine adds 1.6..1.9
+    curve = Curve(_linear(0.8, -0.08 / 1.75), _linear(1.0, -0.5))
+    choice = search_alpha(curve, 0.8, ACCEPT, ALPHA)
+    assert curve.calls == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 1.6, 1.7, 1.8, 1.9]
+    assert choice.alpha == 1.7
+    assert [p.alpha for p in choice.sweep] == sorted(curve.calls)
+    assert len(choice.sweep) == len(curve.calls), "each α is measured once"
+
+
+def test_ties_go_to_the_smaller_alpha() -> None:
+    # ASR plateaus at 0.02 from α = 1 on; CA stays feasible everywhere
+    curve = Curve(lambda a: 0.8, lambda a: max(0.02, 1.0 - a))
+    choice = search_alpha(curve, 0.8, ACCEPT, ALPHA)
+    assert choice.alpha == 1.0
+    assert choice.point.attack_success_rate == 0.02
+
+
+def test_reaches_alpha_above_one_when_needed() -> None:
+    curve = Curve(_linear(0.8, -0.01), _linear(1.0, -0.3))
+    choice = search_alpha(curve, 0.8, ACCEPT, ALPHA)
+    assert choice.alpha > 1.0
+    assert choice.point.attack_success_rate == 0.0
+    assert choice.alpha == pytest.approx(3.5)
+
+
+def test_stops_early_when_asr_hits_zero() -> None:
+    curve = Curve(lambda a: 0.8, lambda a: 0.0 if a >= 1.0 else 0.9)
+    choice = search_alpha(curve, 0.8, ACCEPT, ALPHA)
+    assert curve.calls == [0.0, 0.5, 1.0], "nothing beats ASR 0 at a smaller α; no fine grid either"
+    assert choice.alpha == 1.0
+
+
+def test_stops_after_two_infeasible_coarse_points() -> None:
+    curve = Curve(_linear(0.8, -0.1), lambda a: 0.5)
+    search_alpha(curve, 0.8, ACCEPT, ALPHA)
+    coarse = [a for a in curve.calls if a in (0.0, 0.5, 1.0, 1.5, 2.0)]
+    # CA ≥ 0.72 up to α = 0.8: 1.0 and 1.5 break the floor, nothing after them is measured
+    assert coarse == [0.0, 0.5, 1.0, 1.5]
+    assert max(curve.calls) == 1.5
+
+
+def test_evaluates_fewer_points_than_the_fine_grid() -> None:
+    full = _grid(ALPHA.min, ALPHA.max, ALPHA.fine_step)
+    assert len(full) == 61
+    coarse = _grid(ALPHA.min, ALPHA.max, ALPHA.coarse_step)
+    budget = len(coarse) + round(ALPHA.coarse_step / ALPHA.fine_step) - 1
+    for ca_slope, asr_slope in [(-0.001, -0.1), (-0.021, -0.2), (-0.045, -0.15), (0.0, -0.01), (-0.19, -1.0)]:
+        curve = Curve(_linear(0.8, ca_slope), _linear(1.0, asr_slope))
+        choice = search_alpha(curve, 0.8, ACCEPT, ALPHA)
+        assert len(curve.calls) <= budget < len(full)
+        assert len(curve.calls) < 31
+        # the coarse-to-fine answer is as good as the exhaustive fine grid on monotone curves
+        exhaustive = min(
+            (a for a in full if _linear(0.8, ca_slope)(a) >= 0.72 - 1e-12),
+            key=lambda a: (_linear(1.0, asr_slope)(a), a),
+        )
+        assert _linear(1.0, asr_slope)(choice.alpha) == pytest.approx(_linear(1.0, asr_slope)(exhaustive))
+
+
+def test_infeasible_everywhere_reports_least_damaging_point() -> None:
+    alpha = AlphaPolicy(min=1.0, max=3.0)
+    curve = Curve(_linear(0.5, -0.1), _linear(1.0, -0.3))
+    choice = search_alpha(curve, 0.8, ACCEPT, alpha)
+    assert not choice.point.feasible
+    assert choice.alpha == 1.0
+    assert curve.calls == [1.0, 1.5]
+
+
+def test_progress_is_reported() -> None:
+    seen: list[tuple[str, int, int]] = []
+    search_alpha(
+        Curve(_linear(0.8, -0.04), _linear(1.0, -0.3)),
+        0.8,
+        ACCEPT,
+        ALPHA,
+        progress=lambda stage, done, total: seen.append((stage, done, total)),
+    )
+    assert seen and all(stage == "alpha search" for stage, _, _ in seen)
+    assert [d for _, d, _ in seen] == list(range(1, len(seen) + 1))
+
+
+def test_custom_alpha_range() -> None:
+    alpha = AlphaPolicy(min=0.0, max=2.0, coarse_step=1.0, fine_step=0.25)
+    curve = Curve(_linear(0.8, -0.05), _linear(1.0, -0.4))
+    choice = search_alpha(curve, 0.8, ACCEPT, alpha)
+    assert curve.calls[:3] == [0.0, 1.0, 2.0]
+    assert max(curve.calls) <= 2.0
+    assert choice.alpha in curve.calls
+
+
+def test_trigger_built_from_spec_matches_the_session_trigger(badnet_trigger: Trigger) -> None:
+    rebuilt = build_trigger(parse_trigger("badnet"), 28)
+    x = torch.rand(2, 3, 28, 28)
+    assert torch.equal(rebuilt.apply(x), badnet_trigger.apply(x))
