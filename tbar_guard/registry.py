@@ -27,6 +27,7 @@ tracking server, with a hint.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import re
@@ -134,6 +135,10 @@ def configure_mlflow_env() -> None:
     """Set :data:`MLFLOW_ENV_DEFAULTS` in ``os.environ`` where the user has not set them."""
     for key, value in MLFLOW_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # MLflow logs schema migrations of a new sqlite store at INFO ("Creating initial MLflow database
+    # tables..."); keep the CLI's stderr to what tbar-guard itself says.
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def redact_uri(uri: str) -> str:
