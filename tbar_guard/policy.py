@@ -46,6 +46,7 @@ class AlphaPolicy(_Section):
     max: float = Field(6.0, gt=0)
     coarse_step: float = Field(0.5, gt=0)
     fine_step: float = Field(0.1, gt=0)
+    select: Literal["lowest-asr", "best-ca"] = "lowest-asr"
 
     @model_validator(mode="after")
     def _range_not_empty(self) -> AlphaPolicy:
@@ -173,6 +174,8 @@ sanitize:
     max: 6.0
     coarse_step: 0.5
     fine_step: 0.1
+    select: lowest-asr   # lowest-asr: lowest ASR within the CA floor (ties: smaller alpha);
+                         # best-ca: highest CA among alphas within the floor AND under the ASR ceiling
 
 accept:
   ca_floor: 0.95         # keep clean accuracy >= ca_floor x the original model's

@@ -98,10 +98,20 @@ def _grid(start: float, stop: float, step: float) -> list[float]:
     return [round(start + i * step, 6) for i in range(count + 1) if start + i * step <= stop + 1e-9]
 
 
-def choose_best(points: list[SweepPoint]) -> SweepPoint | None:
+def choose_best(points: list[SweepPoint], select: str = "lowest-asr", asr_ceiling: float = 0.0) -> SweepPoint | None:
+    """The policy's choice among the evaluated points.
+
+    ``lowest-asr``: among α meeting the CA floor, the lowest ASR, ties to the smaller α.
+    ``best-ca``: among α meeting the CA floor *and* the ASR ceiling, the highest CA, ties to the
+    smaller α; when no α meets the ceiling, as ``lowest-asr``.
+    """
     feasible = [p for p in points if p.feasible]
     if not feasible:
         return None
+    if select == "best-ca":
+        passing = [p for p in feasible if p.attack_success_rate <= asr_ceiling]
+        if passing:
+            return max(passing, key=lambda p: (p.clean_accuracy, -p.alpha))
     return min(feasible, key=lambda p: (p.attack_success_rate, p.alpha))
 
 
@@ -134,17 +144,24 @@ def search_alpha(
         infeasible_run = 0 if p.feasible else infeasible_run + 1
         if infeasible_run >= 2:
             break
-    best = choose_best(list(points.values()))
+    best = choose_best(list(points.values()), alpha.select, accept.asr_ceiling)
     if best is not None:
-        upper = next((a for a in coarse if a > best.alpha + 1e-9), None)
-        if upper is not None and upper in points and best.attack_success_rate > 0:
-            for a in _grid(best.alpha, upper, alpha.fine_step)[1:]:
-                if a < upper - 1e-9:
+        passing = best.attack_success_rate <= accept.asr_ceiling
+        if alpha.select == "best-ca" and passing:  # a smaller α may still pass with more CA
+            lower = max((a for a in coarse if a < best.alpha - 1e-9), default=None)
+            window = (lower, best.alpha) if lower is not None else None
+        else:  # a larger α may lower ASR further within the CA floor
+            upper = next((a for a in coarse if a > best.alpha + 1e-9), None)
+            ok = upper is not None and upper in points and best.attack_success_rate > 0
+            window = (best.alpha, upper) if ok and upper is not None else None
+        if window is not None:
+            for a in _grid(window[0], window[1], alpha.fine_step)[1:]:
+                if a < window[1] - 1e-9:
                     at(a)
                     if progress:
                         progress("alpha search", len(points), budget)
     sweep = tuple(sorted(points.values(), key=lambda p: p.alpha))
-    best = choose_best(list(sweep))
+    best = choose_best(list(sweep), alpha.select, accept.asr_ceiling)
     if best is None:  # α = min is infeasible only if min > 0; report the least damaging point
         best = max(sweep, key=lambda p: p.clean_accuracy)
     return AlphaChoice(best.alpha, best, sweep)

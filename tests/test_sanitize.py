@@ -336,3 +336,17 @@ def test_trigger_built_from_spec_matches_the_session_trigger(badnet_trigger: Tri
     rebuilt = build_trigger(parse_trigger("badnet"), 28)
     x = torch.rand(2, 3, 28, 28)
     assert torch.equal(rebuilt.apply(x), badnet_trigger.apply(x))
+
+
+def test_best_ca_selection_keeps_the_most_clean_accuracy_under_the_ceiling() -> None:
+    # ASR reaches 0.04 at α = 1.8 and 0 at α ≥ 3; CA falls with α. lowest-asr chases ASR 0 (α 3),
+    # best-ca takes the smallest α under the 0.05 ceiling (most CA), refined on the fine grid below it.
+    curve = Curve(_linear(0.8, -0.02), lambda a: max(0.0, 0.4 - 0.2 * a))
+    lowest = search_alpha(curve, 0.8, ACCEPT, ALPHA)
+    assert lowest.point.attack_success_rate == 0.0 and lowest.alpha == 2.0
+    curve = Curve(_linear(0.8, -0.02), lambda a: max(0.0, 0.4 - 0.2 * a))
+    best = search_alpha(curve, 0.8, ACCEPT, AlphaPolicy(select="best-ca"))
+    assert best.point.attack_success_rate <= ACCEPT.asr_ceiling
+    assert best.alpha == 1.8
+    assert best.point.clean_accuracy > lowest.point.clean_accuracy
+    assert {1.6, 1.7, 1.8, 1.9} <= set(curve.calls)
