@@ -36,8 +36,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals may hold credentials
     add_completion=False,
 )
-out_console = Console()
-err_console = Console(stderr=True)
+out_console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 StageProgress = Callable[[str, int, int], None]
 
@@ -64,12 +64,12 @@ def _progress() -> Iterator[StageProgress]:
 
 def _fail(exc: TbarGuardError) -> typer.Exit:
     message = str(exc.message)
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
     problems = getattr(exc, "problems", ())
     for problem in problems:
-        err_console.print(f"  - {problem}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"  - {problem}", markup=False, highlight=False)
     if exc.hint:
-        err_console.print(f"hint: {exc.hint}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"hint: {exc.hint}", markup=False, highlight=False)
     return typer.Exit(int(exc.exit_code))
 
 
@@ -80,7 +80,7 @@ def _guard(run: Callable[[], ExitCode]) -> None:
     except TbarGuardError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:
-        err_console.print("interrupted: nothing was written or registered", highlight=False, soft_wrap=True)
+        err_console.print("interrupted: nothing was written or registered", highlight=False)
         raise typer.Exit(int(ExitCode.ERROR)) from None
     except Exception as exc:  # an unexpected crash is an error verdict, never "clean"
         if os.environ.get("TBAR_GUARD_DEBUG"):
@@ -98,7 +98,7 @@ def _guard(run: Callable[[], ExitCode]) -> None:
 def _print_summary(report: dict[str, Any], out: Path | None) -> None:
     verdict = str(report["verdict"])
     colour = {"clean": "green", "removed": "yellow", "unremoved": "red", "backdoor": "red"}.get(verdict, "white")
-    out_console.print(f"verdict: [bold {colour}]{verdict}[/]  {report['reason']}", highlight=False, soft_wrap=True)
+    out_console.print(f"verdict: [bold {colour}]{verdict}[/]  {report['reason']}", highlight=False)
     if "before" in report and "after" in report:
         table = Table(title="test split")
         table.add_column("")
@@ -110,11 +110,11 @@ def _print_summary(report: dict[str, Any], out: Path | None) -> None:
             table.add_row(row, f"{100 * m['clean_accuracy']:.1f}%", "n/a" if asr is None else f"{100 * asr:.1f}%")
         out_console.print(table)
     if "alpha" in report:
-        out_console.print(f"alpha: {report['alpha']:g}", highlight=False, soft_wrap=True)
+        out_console.print(f"alpha: {report['alpha']:g}", highlight=False)
     if out is not None:
-        out_console.print(f"report: {out / 'report.md'}", highlight=False, soft_wrap=True)
+        out_console.print(f"report: {out / 'report.md'}", highlight=False)
         if report.get("output"):
-            out_console.print(f"sanitized model: {report['output']['path']}", highlight=False, soft_wrap=True)
+            out_console.print(f"sanitized model: {report['output']['path']}", highlight=False)
 
 
 @app.command()
@@ -230,7 +230,7 @@ def push(
         from tbar_guard.promote import push_model
 
         version = push_model(model, name, alias, tracking_uri)
-        out_console.print(f"registered {version.uri}", highlight=False, soft_wrap=True)
+        out_console.print(f"registered {version.uri}", highlight=False)
         return ExitCode.CLEAN
 
     _guard(run)
@@ -246,15 +246,13 @@ def demo(
         from tbar_guard.demo import run_demo
 
         with _progress() as progress:
-            result = run_demo(
-                workdir, progress, log=lambda msg: err_console.print(msg, highlight=False, soft_wrap=True)
-            )
+            result = run_demo(workdir, progress, log=lambda msg: err_console.print(msg, highlight=False))
         _print_summary(result.report, result.out)
         report = result.report
         if report.get("registered"):
-            out_console.print(f"registered: {report['registered']['uri']}", highlight=False, soft_wrap=True)
+            out_console.print(f"registered: {report['registered']['uri']}", highlight=False)
         if report.get("alias_moved"):
-            out_console.print(f"alias moved: {report['alias_moved']}", highlight=False, soft_wrap=True)
+            out_console.print(f"alias moved: {report['alias_moved']}", highlight=False)
         out_console.print(
             f"browse: mlflow ui --backend-store-uri sqlite:///{(workdir / 'mlflow.db').resolve()}", highlight=False
         )
@@ -282,7 +280,7 @@ def init_policy(
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(DEFAULT_POLICY_YAML, encoding="utf-8")
         os.replace(tmp, out)
-        err_console.print(f"wrote {out}", highlight=False, soft_wrap=True)
+        err_console.print(f"wrote {out}", highlight=False)
         return ExitCode.CLEAN
 
     _guard(run)
@@ -291,7 +289,7 @@ def init_policy(
 @app.command()
 def version() -> None:
     """Print the version."""
-    out_console.print(__version__, highlight=False, soft_wrap=True)
+    out_console.print(__version__, highlight=False)
 
 
 def main() -> None:
