@@ -72,9 +72,7 @@ def main() -> None:
         for label, path, attack in models:
             row: dict[str, object] = {"seed": seed, "model": label}
             for method in ("differential", "decree"):
-                policy = policy_from_dict(
-                    {"seed": seed, "detect": {"method": method, "reference_models": [str(base)]}}
-                )
+                policy = policy_from_dict({"seed": seed, "detect": {"method": method, "reference_models": [str(base)]}})
                 t0 = time.perf_counter()
                 result = scan(path, data, policy, path.parent / f"{path.name}-scan-{method}")
                 det = result.report["detection"]
