@@ -6,14 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "tbar_guard", "demo", "--workdir", str(workdir)],
         capture_output=True,
@@ -22,7 +20,6 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         cwd=tmp_path,
         timeout=600,
     )
-    elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((workdir / "report" / "report.json").read_text())
     assert report["command"] == "gate"
@@ -34,7 +31,6 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert not (tmp_path / "mlruns").exists(), "the demo must keep everything under its workdir"
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
     assert "verdict: removed" in proc.stdout
-    assert elapsed < 300
     # a second run reuses its own workdir
     again = subprocess.run(
         [sys.executable, "-m", "tbar_guard", "demo", "--workdir", str(workdir)],
