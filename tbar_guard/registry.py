@@ -26,7 +26,6 @@ tracking server, with a hint.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -40,16 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from tbar_guard.bundle import BUNDLE_FILES, WEIGHTS_FILE, sha256_file
 from tbar_guard.errors import RegistryError, TbarGuardError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-CONFIG_FILE = "open_clip_config.json"
-WEIGHTS_FILE = "open_clip_model.safetensors"
-TASK_FILE = "zeroshot.json"
-BUNDLE_FILES = (CONFIG_FILE, WEIGHTS_FILE, TASK_FILE)
 
 MODEL_ARTIFACT_PATH = "model"  # where the bundle lives inside a run's artifacts
 REPORT_ARTIFACT_PATH = "report"  # where register_sanitized puts report.json / report.md / PNGs
@@ -378,14 +374,6 @@ def _require_bundle(path: Path, uri: str) -> Path:
         hint=f"a bundle is a directory with {', '.join(BUNDLE_FILES)}; "
         "create one with tbar-guard's import/sanitize commands",
     )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
