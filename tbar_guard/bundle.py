@@ -327,6 +327,13 @@ def load_checkpoint(arch: str, weights: Path, task: ZeroShotTask) -> ClipBundle:
     return ClipBundle(model, model_cfg, preprocess, task, sha256_file(Path(weights)), f"{arch}:{weights}")
 
 
+def require_new_output(out: Path) -> Path:
+    """``out`` itself, if nothing exists there yet (outputs are never overwritten)."""
+    if out.exists():
+        raise UsageError(f"output {out} already exists", hint="choose a new --out or remove it first")
+    return out
+
+
 @contextmanager
 def atomic_directory(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``out`` only if the block succeeds.
@@ -334,9 +341,7 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     On any exception (including KeyboardInterrupt) the temporary directory is removed, so a
     half-written output never appears under ``out``.
     """
-    out = Path(out)
-    if out.exists():
-        raise UsageError(f"output {out} already exists", hint="choose a new --out or remove it first")
+    out = require_new_output(Path(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:

@@ -21,13 +21,13 @@ import torch
 
 from tbar_guard import detect, pictures
 from tbar_guard.attacks import Trigger, build_trigger, describe, spec_to_dict
-from tbar_guard.bundle import ClipBundle, atomic_directory, write_bundle_files
-from tbar_guard.clip import ZeroShotClassifier, classifier_for, full_state, resolve_device
-from tbar_guard.data import ImageSet, Splits, load_images, split
+from tbar_guard.bundle import ClipBundle, atomic_directory, require_new_output, write_bundle_files
+from tbar_guard.clip import ZeroShotClassifier, classifier_for, full_state
+from tbar_guard.data import ImageSet, Splits
 from tbar_guard.differential import DifferentialConfig, invert_per_target
 from tbar_guard.errors import DataError, UsageError
 from tbar_guard.exit_codes import ExitCode
-from tbar_guard.pipeline import VERDICT_EXIT, RunResult, load_model
+from tbar_guard.pipeline import VERDICT_EXIT, RunResult, prepare
 from tbar_guard.policy import DetectPolicy, Policy
 from tbar_guard.report import base_report, removal_json, write_report
 from tbar_guard.sanitize import StageProgress, remove_backdoor
@@ -257,50 +257,6 @@ def write_pictures(
     return {"mask": "mask.png", "pattern": "pattern.png", "trigger": "trigger.png", "examples": "examples.png"}
 
 
-@dataclass(frozen=True)
-class Prepared:
-    bundle: ClipBundle
-    clf: ZeroShotClassifier
-    images: ImageSet
-    splits: Splits
-    references: list[ClipBundle]
-    device: torch.device
-    seconds: float
-
-
-def prepare(
-    model: Path,
-    data: Path | None,
-    policy: Policy,
-    device: str | None,
-    arch: str | None = None,
-    classes: Path | None = None,
-    references: list[ClipBundle] | None = None,
-) -> Prepared:
-    t0 = time.perf_counter()
-    if data is None:
-        raise UsageError("no clean data given", hint="pass --data (a folder of class sub-folders or an .npz)")
-    torch.manual_seed(policy.seed)
-    dev = resolve_device(device or policy.device)
-    bundle = load_model(model, arch, classes)
-    if references is not None:  # already resolved by the caller (registry URIs)
-        refs = list(references)
-    else:
-        refs = []
-        for ref in policy.detect.reference_models:
-            if ref.startswith(("models:/", "runs:/")):
-                raise UsageError(
-                    f"reference {ref!r} is a registry URI",
-                    hint="registry references are resolved by `gate --model models:/...`; give a bundle path here",
-                )
-            refs.append(load_model(Path(ref)))
-    images = load_images(data, bundle.task, bundle.preprocess.image_size)
-    fractions = (policy.data.forget_fraction, policy.data.val_fraction, policy.data.test_fraction)
-    splits = split(images, fractions, policy.seed)
-    clf = classifier_for(bundle, dev)
-    return Prepared(bundle, clf, images, splits, refs, dev, time.perf_counter() - t0)
-
-
 def scan(
     model: Path,
     data: Path | None,
@@ -312,8 +268,7 @@ def scan(
     classes: Path | None = None,
 ) -> RunResult:
     """Scan one model; writes ``out/report.json``, ``report.md`` and the evidence pictures."""
-    if out.exists():
-        raise UsageError(f"output {out} already exists", hint="choose a new --out or remove it first")
+    require_new_output(out)
     p = prepare(model, data, policy, device, arch, classes)
     result = run_scan(p.clf, p.splits, policy, p.device, p.references, progress)
     verdict = "backdoor" if result.flagged else "clean"
@@ -357,8 +312,7 @@ def gate(
     """Scan; if flagged, remove with the inverted trigger. Writes the report and, when the
     backdoor was removed under the policy, ``out/model/``."""
     t0 = time.perf_counter()
-    if out.exists():
-        raise UsageError(f"output {out} already exists", hint="choose a new --out or remove it first")
+    require_new_output(out)
     p = prepare(model, data, policy, device, arch, classes, references)
     names = p.bundle.task.classnames
     audit: tuple[Trigger, int] | None = None

@@ -22,10 +22,11 @@ from tbar_guard.bundle import (
     load_bundle,
     load_checkpoint,
     parse_task,
+    require_new_output,
     write_bundle_files,
 )
-from tbar_guard.clip import classifier_for, full_state, resolve_device
-from tbar_guard.data import load_images, split
+from tbar_guard.clip import ZeroShotClassifier, classifier_for, full_state, resolve_device
+from tbar_guard.data import ImageSet, Splits, load_images, split
 from tbar_guard.errors import UsageError
 from tbar_guard.exit_codes import ExitCode
 from tbar_guard.policy import Policy
@@ -64,8 +65,52 @@ def load_model(model: Path, arch: str | None = None, classes: Path | None = None
     return load_checkpoint(arch, model, task)
 
 
-def _seeded(policy: Policy) -> None:
+@dataclass(frozen=True)
+class Prepared:
+    bundle: ClipBundle
+    clf: ZeroShotClassifier
+    images: ImageSet
+    splits: Splits
+    references: list[ClipBundle]
+    device: torch.device
+    seconds: float
+
+
+def prepare(
+    model: Path,
+    data: Path | None,
+    policy: Policy,
+    device: str | None,
+    arch: str | None = None,
+    classes: Path | None = None,
+    references: list[ClipBundle] | None = None,
+) -> Prepared:
+    """Everything a run needs: the model, its classifier, the clean splits, the reference models.
+
+    ``references=None`` loads ``policy.detect.reference_models`` (bundle paths); a list is used as given.
+    """
+    t0 = time.perf_counter()
+    if data is None:
+        raise UsageError("no clean data given", hint="pass --data (a folder of class sub-folders or an .npz)")
     torch.manual_seed(policy.seed)
+    dev = resolve_device(device or policy.device)
+    bundle = load_model(model, arch, classes)
+    if references is not None:  # already resolved by the caller (registry URIs)
+        refs = list(references)
+    else:
+        refs = []
+        for ref in policy.detect.reference_models:
+            if ref.startswith(("models:/", "runs:/")):
+                raise UsageError(
+                    f"reference {ref!r} is a registry URI",
+                    hint="registry references are resolved by `gate --model models:/...`; give a bundle path here",
+                )
+            refs.append(load_model(Path(ref)))
+    images = load_images(data, bundle.task, bundle.preprocess.image_size)
+    fractions = (policy.data.forget_fraction, policy.data.val_fraction, policy.data.test_fraction)
+    splits = split(images, fractions, policy.seed)
+    clf = classifier_for(bundle, dev)
+    return Prepared(bundle, clf, images, splits, refs, dev, time.perf_counter() - t0)
 
 
 def sanitize(
@@ -83,20 +128,12 @@ def sanitize(
     """Known-trigger TBAR. Writes ``out/report.json``, ``out/report.md`` and, when the backdoor
     was removed under the policy, the sanitized bundle ``out/model/``."""
     t_start = time.perf_counter()
-    out = Path(out)
-    if out.exists():
-        raise UsageError(f"output {out} already exists", hint="choose a new --out or remove it first")
-    _seeded(policy)
-    dev = resolve_device(device or policy.device)
-    bundle = load_model(model, arch, classes)
+    out = require_new_output(Path(out))
+    p = prepare(model, data, policy, device, arch, classes, references=[])
+    bundle, images, splits, dev = p.bundle, p.images, p.splits, p.device
     target_index = bundle.task.index_of(target)
     trigger = build_trigger(trigger_spec, bundle.preprocess.image_size)
-    images = load_images(data, bundle.task, bundle.preprocess.image_size)
-    fractions = (policy.data.forget_fraction, policy.data.val_fraction, policy.data.test_fraction)
-    splits = split(images, fractions, policy.seed)
-    clf = classifier_for(bundle, dev)
-    t_loaded = time.perf_counter()
-    removal = remove_backdoor(clf, splits, trigger, target_index, policy, progress)
+    removal = remove_backdoor(p.clf, splits, trigger, target_index, policy, progress)
 
     code = VERDICT_EXIT[removal.verdict]
     report = base_report("sanitize", removal.verdict, int(code), removal.reason)
@@ -131,7 +168,7 @@ def sanitize(
             )
             report["output"] = {"path": str(out / "model"), "sha256": digest}
         report["timings"] = {
-            "load": t_loaded - t_start,
+            "load": p.seconds,
             "finetune": removal.seconds_finetune,
             "alpha_search": removal.seconds_search,
             "total": time.perf_counter() - t_start,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tbar_guard import __version__, registry
-from tbar_guard.bundle import ClipBundle, load_bundle
+from tbar_guard.bundle import ClipBundle, load_bundle, require_new_output
 from tbar_guard.exit_codes import ExitCode
 from tbar_guard.gate import gate
 from tbar_guard.pipeline import RunResult
@@ -141,10 +141,7 @@ def gate_uri(
     ref = registry.parse_model_uri(model)
     if ref.kind == "local":
         return gate(Path(model), data, policy, out, device, progress, source=model)
-    if out.exists():
-        from tbar_guard.errors import UsageError
-
-        raise UsageError(f"output {out} already exists", hint="choose a new --out or remove it first")
+    require_new_output(out)
     with tempfile.TemporaryDirectory(prefix="tbar-guard-") as tmp_name:
         tmp = Path(tmp_name)
         source = registry.pull(model, tmp / "source", tracking_uri=tracking_uri)
