@@ -69,6 +69,7 @@ def differential_config(policy: Policy) -> DifferentialConfig:
         area_weight=o.area_weight,
         reference_weight=o.reference_weight,
         z_threshold=o.z_threshold,
+        area_ratio=o.area_ratio,
         targets_per_chunk=o.targets_per_chunk,
         seed=policy.seed,
         max_seconds=d.max_seconds,
@@ -160,6 +161,8 @@ def run_scan(
         details = {
             "z_score": result.z,
             "z_threshold": d.differential.z_threshold,
+            "area_ratio": result.area / max(result.median_area, 1e-12),
+            "area_ratio_threshold": d.differential.area_ratio,
             "median_area": result.median_area,
             "reference": references[0].source if references else None,
             "per_class": [

@@ -91,6 +91,7 @@ class DifferentialPolicy(_Section):
     area_weight: float = Field(5.0, gt=0)
     reference_weight: float = Field(1.0, ge=0)
     z_threshold: float = Field(-2.5, lt=0)
+    area_ratio: float = Field(0.5, ge=0, lt=1)
     targets_per_chunk: int = Field(10, ge=1)
 
 
@@ -198,6 +199,7 @@ detect:                  # trigger inversion (scan, gate)
     area_weight: 5.0     # weight of the mask area in the loss
     reference_weight: 1.0  # weight of KL(reference on clean || reference on stamped)
     z_threshold: -2.5    # flag when the smallest per-class mask has a robust z-score below this
+    area_ratio: 0.5      # ... or is smaller than this fraction of the median mask (0 = off)
     targets_per_chunk: 10  # classes optimised together (memory vs speed)
   decree:
     steps: 300           # optimisation steps (batches); the paper runs up to 1000 epochs
