@@ -1,0 +1,347 @@
+"""results.json → RESULTS.md and plots. Pure formatting: every number comes from the run's records."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFENCE_LABELS = {
+    "tbar-known": "TBAR known trigger (anchored, default)",
+    "tbar-plain-known": "TBAR known trigger (plain, paper recipe)",
+    "tbar-agnostic": "TBAR agnostic (gate: inversion -> TBAR)",
+    "clean-ft-1x": "clean fine-tune, N = forget size",
+    "clean-ft-10x": "clean fine-tune, N = 10x forget size",
+    "grad-ascent": "gradient ascent on the forget set",
+    "cleanclip": "CleanCLIP-style (cross-modal + in-modal, augmented)",
+}
+REMOVALS = (
+    "tbar-known",
+    "tbar-plain-known",
+    "tbar-agnostic",
+    "clean-ft-1x",
+    "clean-ft-10x",
+    "grad-ascent",
+    "cleanclip",
+)
+
+
+def pct(v: Any) -> str:
+    return "–" if v is None else f"{100 * float(v):.1f}"
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def _rate(hits: Sequence[bool]) -> str:
+    return "–" if not hits else f"{sum(hits)}/{len(hits)} ({100 * sum(hits) / len(hits):.0f}%)"
+
+
+def tradeoff(sweep: Sequence[dict[str, Any]] | None, ca0: float) -> tuple[float | None, float | None]:
+    """From a validation α sweep: (best CA kept among α with ASR ≤ 2%, best ASR among α with CA kept ≥ 0.95)."""
+    if not sweep or ca0 <= 0:
+        return None, None
+    low = [p["clean_accuracy"] / ca0 for p in sweep if p["attack_success_rate"] <= 0.02]
+    keep = [p["attack_success_rate"] for p in sweep if p["clean_accuracy"] / ca0 >= 0.95]
+    return (max(low) if low else None), (min(keep) if keep else None)
+
+
+def write_markdown(results: dict[str, Any], out: Path, command: str) -> Path:
+    recs: list[dict[str, Any]] = results["records"]
+    victims: list[dict[str, Any]] = results["victims"]
+    m = results["machine"]
+    f = results["foundation"]
+    lines = [
+        f"# tbar-guard benchmark: zoo `{results['zoo']}`",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Commit `{m['commit']}`{' (with uncommitted changes)' if m['dirty'] else ''}; {m['platform']}, "
+        f"{m['cpu_count']} CPU cores, torch {m['torch']} ({m['torch_threads']} threads), open_clip {m['open_clip']}, "
+        f"CUDA {'yes' if m['cuda'] else 'no'}. Total wall time {results['wall_seconds'] / 60:.1f} min "
+        "(cached models and records are reused; see the per-record seconds).",
+        "",
+        "Foundation: "
+        + ", ".join(f"{t} zero-shot CA {pct(ca)}% (defender test split)" for t, ca in f.get("zero_shot_ca", {}).items())
+        + (f"; trained {f['train_seconds']:.0f} s on {f['images']} images" if "train_seconds" in f else "")
+        + ". All CA/ASR in % on the defender's test split (never used to choose α or a stopping step); "
+        "ASR under the *true* trigger. An `unremoved` TBAR verdict ships nothing, so its 'after' is the victim.",
+        "",
+        "## Victims",
+        "",
+        "| victim | CA | ASR | note |",
+        "|---|---|---|---|",
+    ]
+    for v in victims:
+        note = (
+            "FAILED ATTACK (ASR < 90%), kept and reported"
+            if v["failed_attack"]
+            else ("clean control" if v["attack"] is None else "")
+        )
+        lines.append(f"| {v['name']} | {pct(v['clean_accuracy'])} | {pct(v['attack_success_rate'])} | {note} |")
+
+    # ---- headline -------------------------------------------------------------------------
+    groups = sorted({(r["task"], r["attack"]) for r in recs if r["attack"]})
+    present = [d for d in REMOVALS if any(r["defence"] == d for r in recs)]
+    lines += [
+        "",
+        "## Headline: CA kept / ASR after (mean over the victims of each cell)",
+        "",
+        "Each defence cell is `CA kept (after/before) / ASR after %`; `re` = re-emergence ASR % after a short clean "
+        "fine-tune of the defended model (policy `sanitize.reemergence`), `–` where nothing was shipped.",
+        "",
+        "| task | attack | victim CA / ASR | " + " | ".join(present) + " |",
+        "|---|---|---|" + "---|" * len(present),
+    ]
+    for task, attack in groups:
+        vs = [v for v in victims if v["task"] == task and v["attack"] == attack]
+        row = f"| {task} | {attack} | {pct(_mean(v['clean_accuracy'] for v in vs))} / {pct(_mean(v['attack_success_rate'] for v in vs))} |"
+        for d in present:
+            rs = [
+                r for r in recs if r["task"] == task and r["attack"] == attack and r["defence"] == d and "ca_kept" in r
+            ]
+            if not rs:
+                row += " – |"
+                continue
+            kept = _mean(r["ca_after"] / max(r["ca_before"], 1e-12) for r in rs)
+            asr = _mean(r["asr_after"] for r in rs)
+            re = _mean(r.get("reemergence_asr") for r in rs)
+            row += f" {kept:.3f} / {pct(asr)}" + (f" (re {pct(re)})" if re is not None else "") + " |"
+        lines.append(row)
+
+    # ---- targets --------------------------------------------------------------------------
+    lines += ["", "## Targets (from the paper and DECREE) beside the measured numbers", ""]
+    lines += targets_table(recs, victims)
+
+    # ---- removal trade-off ------------------------------------------------------------------
+    lines += [
+        "",
+        "## Removal methods: trade-off on the validation α sweep",
+        "",
+        "Per TBAR run: best CA kept among the α whose validation ASR ≤ 2%, and the best validation ASR among the α "
+        "that keep ≥ 95% of validation CA (the issue's two views of the curve); the chosen α and its test numbers.",
+        "",
+        "| victim | method | CA kept @ ASR≤2% | best ASR @ CA kept≥0.95 | chosen α | test CA kept | test ASR | re-emergence ASR | verdict | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        if r["defence"] not in ("tbar-known", "tbar-plain-known", "tbar-agnostic") or not r.get("alpha_sweep"):
+            continue
+        sweep = r["alpha_sweep"]
+        ca0 = next((p["clean_accuracy"] for p in sweep if p["alpha"] == 0), None) or sweep[0]["clean_accuracy"]
+        a, b = tradeoff(sweep, ca0)
+        lines.append(
+            f"| {r['victim']} | {r['defence']} | {'–' if a is None else f'{a:.3f}'} | {pct(b)} | {r.get('alpha')} | "
+            f"{r['ca_after_chosen_alpha'] / max(r['ca_before'], 1e-12):.3f} | {pct(r['asr_after_chosen_alpha'])} | "
+            f"{pct(r.get('reemergence_asr'))} | {r['verdict']} | {r.get('seconds', 0):.0f} |"
+        )
+
+    # ---- detection --------------------------------------------------------------------------
+    lines += ["", "## Detection", "", *detection_tables(recs, victims)]
+
+    # ---- disentanglement ----------------------------------------------------------------------
+    xi_rows = []
+    seen: set[tuple[str, str]] = set()
+    for r in recs:
+        if r["defence"] == "tbar-known" and r.get("disentanglement") and (r["task"], r["attack"]) not in seen:
+            seen.add((r["task"], r["attack"]))
+            d = r["disentanglement"]
+            xi_rows.append(
+                f"| {r['victim']} | {d.get('alphas_clean')} | {d.get('alphas_trigger')} | "
+                f"{json.dumps([[round(x, 3) for x in row] for row in d.get('xi', [])])} | {d.get('mean_xi', 0):.3f} |"
+            )
+    if xi_rows:
+        lines += [
+            "",
+            "## Weight disentanglement ξ(α_c, α_t) (one victim per attack)",
+            "",
+            "| victim | α_c | α_t | ξ grid (rows α_c, columns α_t) | mean ξ |",
+            "|---|---|---|---|---|",
+            *xi_rows,
+        ]
+
+    # ---- every record ---------------------------------------------------------------------------
+    lines += [
+        "",
+        "## Every removal record",
+        "",
+        "| victim | defence | verdict | CA before | ASR before | CA after | ASR after | CA kept | re-emergence ASR | data used | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        if "ca_kept" not in r:
+            continue
+        lines.append(
+            f"| {r['victim']} | {r['defence']} | {r.get('verdict')} | {pct(r['ca_before'])} | {pct(r['asr_before'])} | "
+            f"{pct(r['ca_after'])} | {pct(r['asr_after'])} | {r['ca_after'] / max(r['ca_before'], 1e-12):.3f} | "
+            f"{pct(r.get('reemergence_asr'))} | {r.get('data_used')} | {r.get('seconds', 0):.0f} |"
+        )
+    lines += ["", "Defences: " + "; ".join(f"`{k}` = {v}" for k, v in DEFENCE_LABELS.items() if k in present), ""]
+    out.write_text("\n".join(lines), encoding="utf-8")
+    return out
+
+
+def targets_table(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> list[str]:
+    ok_attacks = {v["name"] for v in victims if v["attack"] and not v["failed_attack"]}
+
+    def cells(defence: str) -> list[dict[str, Any]]:
+        return [r for r in recs if r["defence"] == defence and r["victim"] in ok_attacks and "ca_kept" in r]
+
+    rows = ["| target | measured | met? |", "|---|---|---|"]
+    for defence, asr_t, kept_t, label in (
+        ("tbar-known", 0.01, 0.97, "known-trigger TBAR: ASR ≤ 1% on every attack, CA kept ≥ 97%"),
+        ("tbar-agnostic", 0.02, 0.95, "agnostic TBAR: ASR ≤ 2%, CA kept ≥ 95%"),
+    ):
+        rs = cells(defence)
+        if not rs:
+            continue
+        met = [r["asr_after"] <= asr_t and r["ca_after"] / max(r["ca_before"], 1e-12) >= kept_t for r in rs]
+        worst_asr = max(r["asr_after"] for r in rs)
+        worst_kept = min(r["ca_after"] / max(r["ca_before"], 1e-12) for r in rs)
+        rows.append(
+            f"| {label} | {sum(met)}/{len(rs)} victims meet both; worst ASR {pct(worst_asr)}%, worst CA kept {worst_kept:.3f} | "
+            f"{'met' if all(met) else 'MISSED'} |"
+        )
+    stays = [r for r in cells("tbar-known") if r.get("reemergence_asr") is not None]
+    if stays:
+        ok = [r["reemergence_asr"] <= 0.10 for r in stays]
+        rows.append(
+            f"| stays removed: re-emergence ASR ≤ 10% (known trigger, removed victims) | {sum(ok)}/{len(stays)}; worst "
+            f"{pct(max(r['reemergence_asr'] for r in stays))}% | {'met' if all(ok) else 'MISSED'} |"
+        )
+    det = [r for r in recs if r["defence"] == "tbar-agnostic"]
+    if det:
+        pos = [r["flagged"] for r in det if r["victim"] in ok_attacks]
+        neg = [r["flagged"] for r in det if r["attack"] is None]
+        tpr = sum(pos) / len(pos) if pos else 0.0
+        fpr = sum(neg) / len(neg) if neg else 0.0
+        rows.append(
+            f"| detection (default detector): TPR ≥ 95% at FPR ≤ 5% | TPR {_rate(pos)}, FPR {_rate(neg)} | "
+            f"{'met' if tpr >= 0.95 and fpr <= 0.05 else 'MISSED'} |"
+        )
+    return rows
+
+
+def detection_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> list[str]:
+    ok_attacks = {v["name"] for v in victims if v["attack"] and not v["failed_attack"]}
+    failed = {v["name"] for v in victims if v["failed_attack"]}
+    rules = (
+        ("differential (default; reference = base model)", "tbar-agnostic", "flagged"),
+        ("DECREE, paper rule (PL1 < 0.1)", "decree", "flagged_paper"),
+        ("DECREE, calibrated (PL1 < 0.5 × base model's PL1)", "decree", "flagged_calibrated"),
+    )
+    lines = [
+        "Positives: victims whose attack worked (ASR ≥ 90%); negatives: clean controls. Failed attacks are listed "
+        "separately (a backdoor with a low ASR is not a positive nobody would miss).",
+        "",
+        "| detector / rule | TPR | FPR | target right (flagged victims) | flagged failed attacks | s per model (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, defence, key in rules:
+        rs = [r for r in recs if r["defence"] == defence]
+        if not rs:
+            continue
+        pos = [bool(r[key]) for r in rs if r["victim"] in ok_attacks]
+        neg = [bool(r[key]) for r in rs if r["attack"] is None]
+        fl = [bool(r[key]) for r in rs if r["victim"] in failed]
+        tgt = [bool(r["target_correct"]) for r in rs if r["victim"] in ok_attacks and r[key]]
+        secs = _mean(r.get("scan_seconds") for r in rs)
+        lines.append(
+            f"| {label} | {_rate(pos)} | {_rate(neg)} | {_rate(tgt)} | {_rate(fl)} | {'–' if secs is None else f'{secs:.0f}'} |"
+        )
+    lines += ["", "Per attack (TPR): ", ""]
+    attacks = sorted({r["attack"] for r in recs if r["attack"]})
+    lines += ["| detector / rule | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+    for label, defence, key in rules:
+        rs = [r for r in recs if r["defence"] == defence]
+        if not rs:
+            continue
+        row = f"| {label} |"
+        for a in attacks:
+            row += f" {_rate([bool(r[key]) for r in rs if r['attack'] == a and r['victim'] in ok_attacks])} |"
+        lines.append(row)
+    lines += [
+        "",
+        "| model | differential: flagged / z / target / proxy ASR | DECREE: PL1 / ref PL1 / paper / calibrated / target |",
+        "|---|---|---|",
+    ]
+    names = sorted({r["victim"] for r in recs if r["defence"] in ("tbar-agnostic", "decree")})
+    for name in names:
+        d = next((r for r in recs if r["victim"] == name and r["defence"] == "tbar-agnostic"), None)
+        c = next((r for r in recs if r["victim"] == name and r["defence"] == "decree"), None)
+        dc = (
+            f"{d['flagged']} / {d['score']:.2f} / {d['detected_target']} / {pct(d['proxy_asr'])}"
+            if d and d.get("score") is not None
+            else "–"
+        )
+        cc = (
+            f"{c['pl1']:.3f} / {c['reference_pl1']:.3f} / {c['flagged_paper']} / {c['flagged_calibrated']} / {c['detected_target']}"
+            if c
+            else "–"
+        )
+        lines.append(f"| {name} | {dc} | {cc} |")
+    return lines
+
+
+def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in results["records"] if "ca_kept" in r]
+    written: list[Path] = []
+    if recs:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
+        markers = ["o", "s", "^", "v", "D", "P", "X", "*"]
+        for i, d in enumerate(REMOVALS):
+            rs = [r for r in recs if r["defence"] == d]
+            if rs:
+                ax.scatter(
+                    [100 * r["asr_after"] for r in rs],
+                    [r["ca_after"] / max(r["ca_before"], 1e-12) for r in rs],
+                    marker=markers[i % len(markers)],
+                    label=d,
+                    alpha=0.8,
+                )
+        ax.axhline(0.95, color="gray", lw=0.8, ls="--")
+        ax.axvline(2, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel("ASR after (%, true trigger, test split)")
+        ax.set_ylabel("CA kept (after / before)")
+        ax.set_title("Defences: CA kept vs ASR (each point a victim)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / "ca_vs_asr.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    sweeps = [
+        r for r in results["records"] if r["defence"] in ("tbar-known", "tbar-plain-known") and r.get("alpha_sweep")
+    ]
+    if sweeps:
+        keys = sorted({(r["task"], r["attack"]) for r in sweeps})
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), dpi=100, squeeze=False)
+        for ax, (task, attack) in zip(axes[0], keys, strict=True):
+            for r in sweeps:
+                if (r["task"], r["attack"]) != (task, attack) or r["seed"] != min(s["seed"] for s in sweeps):
+                    continue
+                xs = [p["alpha"] for p in r["alpha_sweep"]]
+                style = "-" if r["defence"] == "tbar-known" else "--"
+                ax.plot(xs, [p["clean_accuracy"] for p in r["alpha_sweep"]], "b" + style, label=f"CA {r['defence']}")
+                ax.plot(
+                    xs, [p["attack_success_rate"] for p in r["alpha_sweep"]], "r" + style, label=f"ASR {r['defence']}"
+                )
+            ax.set_title(f"{task} {attack}", fontsize=9)
+            ax.set_xlabel("α")
+            ax.set_ylim(-0.02, 1.02)
+        axes[0][0].legend(fontsize=6)
+        fig.tight_layout()
+        path = out_dir / "alpha_sweeps.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written

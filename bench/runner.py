@@ -1,0 +1,382 @@
+"""The benchmark run: build the zoo, defend every victim with every defence, write the tables.
+
+One record per victim × defence, cached as JSON under ``CACHE/records`` keyed by the victim's and
+the defence's configuration, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import datasets, defences
+from bench.zoo import VictimSpec, Zoo, ZooSpec, key_of, load_zoo
+from tbar_guard import __version__, detect
+from tbar_guard.attacks import build_trigger, spec_to_dict
+from tbar_guard.bundle import load_bundle
+from tbar_guard.clip import classifier_for
+from tbar_guard.data import ImageSet, Splits, split
+from tbar_guard.evaluate import evaluate
+from tbar_guard.gate import gate, scan
+from tbar_guard.pipeline import sanitize
+from tbar_guard.policy import Policy, policy_from_dict
+from tbar_guard.reemerge import ReemergenceConfig, measure_reemergence
+
+Log = Callable[[str], None]
+
+KNOWN = ("tbar-known", "tbar-plain-known")
+BASELINES = ("clean-ft-1x", "clean-ft-10x", "grad-ascent", "cleanclip")
+DETECTORS = ("tbar-agnostic", "decree")
+ALL_DEFENCES = KNOWN + DETECTORS + BASELINES
+
+
+def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@dataclass
+class TaskContext:
+    name: str
+    base_dir: Path
+    data_npz: Path
+    defender: ImageSet
+    splits: Splits
+    extra: ImageSet
+    base_ca: float
+    base_pl1: float | None = None
+
+
+class Runner:
+    def __init__(
+        self, spec: ZooSpec, out: Path, cache: Path, shared: Path, log: Log, defences_: tuple[str, ...] | None = None
+    ) -> None:
+        self.spec, self.out, self.cache, self.log = spec, out, cache, log
+        self.zoo = Zoo(spec, cache, shared, log)
+        self.defences = defences_ or spec.defences
+        unknown = sorted(set(self.defences) - set(ALL_DEFENCES))
+        if unknown:
+            raise ValueError(f"unknown defence(s) {unknown}; known: {list(ALL_DEFENCES)}")
+        self.tasks: dict[str, TaskContext] = {}
+        self.records: list[dict[str, Any]] = []
+        self.victims: list[dict[str, Any]] = []
+
+    # --- policy -------------------------------------------------------------------------------
+    def policy(self, extra: dict[str, Any] | None = None) -> Policy:
+        return policy_from_dict(_deep_update(self.spec.policy, extra or {}), f"zoo {self.spec.name} policy")
+
+    # --- tasks --------------------------------------------------------------------------------
+    def task(self, name: str) -> TaskContext:
+        if name in self.tasks:
+            return self.tasks[name]
+        t = self.spec.tasks[name]
+        defender = self.zoo.images(t.defender)
+        npz = datasets.save_npz(
+            defender, self.cache / "data" / f"defender-{name}-{key_of(self.spec.raw['tasks'][name])}.npz"
+        )
+        policy = self.policy()
+        fractions = (policy.data.forget_fraction, policy.data.val_fraction, policy.data.test_fraction)
+        splits = split(defender, fractions, policy.seed)  # the same function and seed the product uses
+        base_dir = self.zoo.base_for(name)
+        base_ca = evaluate(classifier_for(load_bundle(base_dir)), splits.test).clean_accuracy
+        ctx = TaskContext(name, base_dir, npz, defender, splits, self.zoo.images(t.extra_clean), base_ca)
+        self.tasks[name] = ctx
+        return ctx
+
+    def base_pl1(self, ctx: TaskContext) -> float:
+        """DECREE PL1 of the clean base model of a task: the calibrated rule's reference."""
+        if ctx.base_pl1 is None:
+            policy = self.decree_policy()
+            key = key_of([self.spec.foundation_key(), ctx.name, policy.sha256()])
+            cached = self.cache / "records" / f"base-decree-{ctx.name}-{key}.json"
+            if cached.exists():
+                ctx.base_pl1 = float(json.loads(cached.read_text())["pl1"])
+            else:
+                out = self._fresh_dir(f"base-decree-{ctx.name}-{key}")
+                result = scan(ctx.base_dir, ctx.data_npz, policy, out)
+                ctx.base_pl1 = float(result.report["detection"]["pl1"])
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps({"pl1": ctx.base_pl1}), encoding="utf-8")
+        return ctx.base_pl1
+
+    def decree_policy(self) -> Policy:
+        return self.policy({"detect": {"method": "decree", "decree": {"rule": "paper"}}})
+
+    def _fresh_dir(self, name: str) -> Path:
+        out = self.cache / "runs" / name
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
+
+    # --- one victim ---------------------------------------------------------------------------
+    def run_victim(self, v: VictimSpec) -> None:
+        ctx = self.task(v.task)
+        vdir, meta = self.zoo.victim(v)
+        meta = dict(meta)
+        meta["base_test_ca"] = ctx.base_ca
+        self.victims.append(meta)
+        tag = "FAILED ATTACK " if meta["failed_attack"] else ""
+        asr = meta["attack_success_rate"]
+        self.log(
+            f"{v.name}: {tag}victim CA {100 * meta['clean_accuracy']:.1f}%"
+            + (f", ASR {100 * asr:.1f}%" if asr is not None else "")
+        )
+        for defence in self.defences:
+            if v.attack is None and defence not in DETECTORS:
+                continue
+            key = key_of([self.spec.victim_key(v), defence, self.spec.policy, self.spec.baselines.get(defence)])
+            cached = self.cache / "records" / f"{v.name}-{defence}-{key}.json"
+            if cached.exists():
+                rec = json.loads(cached.read_text())
+            else:
+                t0 = time.perf_counter()
+                rec = self.defend(v, vdir, ctx, defence, key)
+                rec["seconds"] = time.perf_counter() - t0
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps(rec, indent=2), encoding="utf-8")
+            rec = {
+                "victim": v.name,
+                "task": v.task,
+                "attack": v.attack,
+                "target": v.target,
+                "seed": v.seed,
+                "defence": defence,
+                **rec,
+            }
+            self.records.append(rec)
+            self.log(f"  {defence}: {_brief(rec)}")
+
+    def defend(self, v: VictimSpec, vdir: Path, ctx: TaskContext, defence: str, key: str) -> dict[str, Any]:
+        out = self._fresh_dir(f"{v.name}-{defence}-{key}")
+        if defence in KNOWN:
+            assert v.attack is not None
+            method = "anchored" if defence == "tbar-known" else "tbar"
+            policy = self.policy({"sanitize": {"method": method}})
+            r = sanitize(vdir, ctx.data_npz, policy, self.spec.trigger(v.attack), str(v.target), out).report
+            return _removal_record(r, r["before"], r["after"])
+        if defence == "tbar-agnostic":
+            extra: dict[str, Any] = {"detect": {"reference_models": [str(ctx.base_dir)]}}
+            if v.attack is not None:
+                extra.update({"trigger": spec_to_dict(self.spec.trigger(v.attack)), "target": str(v.target)})
+            r = gate(vdir, ctx.data_npz, self.policy(extra), out).report
+            det = r["detection"]
+            rec: dict[str, Any] = {
+                "verdict": r["verdict"],
+                "flagged": bool(det["flagged"]),
+                "detected_target": det["target_index"],
+                "target_correct": det["target_index"] == v.target if v.attack else None,
+                "proxy_asr": det["proxy_asr"],
+                "score": det.get("z_score"),
+                "area": det["pl1"],
+                "scan_seconds": det["seconds"],
+            }
+            true = r.get("true_trigger") or {}
+            if r.get("alpha_sweep"):
+                rec.update(_removal_record(r, true.get("before") or r["before"], true.get("after") or r["after"]))
+                rec["asr_inverted_before"] = r["before"]["attack_success_rate"]
+                rec["asr_inverted_after"] = r["after"]["attack_success_rate"]
+                rec["verdict"] = r["verdict"]
+            return rec
+        if defence == "decree":
+            r = scan(vdir, ctx.data_npz, self.decree_policy(), out).report
+            det = r["detection"]
+            pl1 = float(det["pl1"])
+            d = self.decree_policy().detect.decree
+            ref = self.base_pl1(ctx)
+            paper = detect.decide_paper(pl1, d.paper_threshold)
+            calibrated = detect.decide_calibrated(pl1, [ref], d.calibrated_ratio, d.z_threshold)
+            return {
+                "pl1": pl1,
+                "l1_official": det.get("l1_official"),
+                "reference_pl1": ref,
+                "flagged_paper": paper.flagged,
+                "flagged_calibrated": calibrated.flagged,
+                "detected_target": det["target_index"],
+                "target_correct": det["target_index"] == v.target if v.attack else None,
+                "proxy_asr": det["proxy_asr"],
+                "scan_seconds": det["seconds"],
+            }
+        return self.baseline(v, vdir, ctx, defence)
+
+    def baseline(self, v: VictimSpec, vdir: Path, ctx: TaskContext, defence: str) -> dict[str, Any]:
+        assert v.attack is not None
+        policy = self.policy()
+        cfg = self.spec.baselines.get(defence, {})
+        trigger = build_trigger(self.spec.trigger(v.attack), self.spec.preprocess.image_size)
+        clf = classifier_for(load_bundle(vdir))
+        before = evaluate(clf, ctx.splits.test, trigger, v.target, seed=policy.seed)
+        forget = policy.sanitize.forget_size
+        if defence in ("clean-ft-1x", "clean-ft-10x"):
+            n = forget * (1 if defence == "clean-ft-1x" else 10)
+            d = defences.clean_finetune(
+                clf, ctx.extra, n, int(cfg.get("epochs", 5)), float(cfg.get("lr", 1e-4)), v.seed
+            )
+        elif defence == "grad-ascent":
+            d = defences.gradient_ascent(
+                clf,
+                ctx.splits,
+                trigger,
+                v.target,
+                forget,
+                float(cfg.get("lr", 1e-5)),
+                int(cfg.get("max_steps", 80)),
+                int(cfg.get("eval_every", 4)),
+                policy.accept.ca_floor,
+                v.seed,
+            )
+        else:
+            d = defences.cleanclip(
+                clf,
+                ctx.extra,
+                int(cfg.get("images", 10 * forget)),
+                int(cfg.get("epochs", 2)),
+                float(cfg.get("lr", 1e-4)),
+                float(cfg.get("inmodal_weight", 1.0)),
+                v.seed,
+            )
+        clf.visual.load_state_dict(d.visual)
+        after = evaluate(clf, ctx.splits.test, trigger, v.target, seed=policy.seed)
+        re = self.reemergence(clf, d.visual, ctx, trigger, v.target)
+        kept = after.clean_accuracy / max(before.clean_accuracy, 1e-12)
+        return {
+            "verdict": _verdict(kept, after.attack_success_rate, policy),
+            "ca_before": before.clean_accuracy,
+            "asr_before": before.attack_success_rate,
+            "ca_after": after.clean_accuracy,
+            "asr_after": after.attack_success_rate,
+            "ca_kept": kept,
+            "reemergence_asr": re,
+            "data_used": d.data_used,
+            "train_seconds": d.seconds,
+            "note": d.note,
+        }
+
+    def reemergence(
+        self, clf: Any, visual: dict[str, torch.Tensor], ctx: TaskContext, trigger: Any, target: int
+    ) -> float:
+        policy = self.policy()
+        r = getattr(policy.sanitize, "reemergence", None)  # the policy's recipe, so every defence is measured alike
+        config = (
+            ReemergenceConfig(images=r.images, lr=r.lr, epochs=r.epochs, batch_size=r.batch_size, seed=policy.seed)
+            if r is not None
+            else ReemergenceConfig(seed=policy.seed)
+        )
+        repair = ctx.splits.forget
+        return measure_reemergence(clf, visual, repair, ctx.splits.test, trigger, target, config).attack_success_rate
+
+    # --- whole run ----------------------------------------------------------------------------
+    def run(self, only: str | None = None, limit: int | None = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        host = machine()  # at the start: the code that produced the records, whatever is edited later
+        self.zoo.foundation()
+        victims = [v for v in self.spec.victims if only is None or only in v.name]
+        if limit is not None:
+            victims = victims[:limit]
+        for v in victims:
+            self.run_victim(v)
+        wall = time.perf_counter() - t0
+        return {
+            "zoo": self.spec.name,
+            "zoo_spec": self.spec.raw,
+            "machine": host,
+            "foundation": {
+                **self.zoo.foundation_meta(),
+                "zero_shot_ca": {name: ctx.base_ca for name, ctx in self.tasks.items()},
+                "reference_pl1": {name: ctx.base_pl1 for name, ctx in self.tasks.items()},
+            },
+            "policy": self.policy().to_json(),
+            "victims": self.victims,
+            "records": self.records,
+            "wall_seconds": wall,
+        }
+
+
+def _verdict(kept: float, asr: float | None, policy: Policy) -> str:
+    ok = kept >= policy.accept.ca_floor and asr is not None and asr <= policy.accept.asr_ceiling
+    return "removed" if ok else "unremoved"
+
+
+def _removal_record(r: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """CA/ASR under the *true* trigger (the benchmark's measure) from a sanitize or gate report."""
+    removed = r["verdict"] == "removed"
+    re = r.get("reemergence") or {}
+    re_true = re.get("audit") or re
+    return {
+        "verdict": r["verdict"],
+        "alpha": r.get("alpha"),
+        "ca_before": before["clean_accuracy"],
+        "asr_before": before["attack_success_rate"],
+        # an unremoved verdict ships nothing: the user keeps the victim
+        "ca_after": after["clean_accuracy"] if removed else before["clean_accuracy"],
+        "asr_after": after["attack_success_rate"] if removed else before["attack_success_rate"],
+        "ca_after_chosen_alpha": after["clean_accuracy"],
+        "asr_after_chosen_alpha": after["attack_success_rate"],
+        "ca_kept": after["clean_accuracy"] / max(before["clean_accuracy"], 1e-12),
+        "reemergence_asr": re_true.get("attack_success_rate") if removed else None,
+        "data_used": r.get("forget_size"),
+        "alpha_sweep": r.get("alpha_sweep"),
+        "disentanglement": r.get("disentanglement"),
+    }
+
+
+def _brief(rec: dict[str, Any]) -> str:
+    parts = []
+    for k in ("verdict", "flagged", "flagged_paper", "flagged_calibrated", "detected_target", "alpha"):
+        if rec.get(k) is not None:
+            parts.append(f"{k}={rec[k]}")
+    for k in ("ca_after", "asr_after", "reemergence_asr", "pl1"):
+        if rec.get(k) is not None:
+            parts.append(f"{k}={100 * rec[k]:.1f}" if k != "pl1" else f"pl1={rec[k]:.3f}")
+    parts.append(f"{rec.get('seconds', 0):.0f}s")
+    return " ".join(parts)
+
+
+def machine() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
+
+    import open_clip
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "tbar_guard": __version__,
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+def load_and_run(
+    zoo_path: Path,
+    out: Path,
+    cache: Path,
+    shared: Path,
+    log: Log,
+    only: str | None = None,
+    limit: int | None = None,
+    defences_: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    spec = load_zoo(zoo_path)
+    runner = Runner(spec, out, cache, shared, log, defences_)
+    return runner.run(only, limit)

@@ -1,0 +1,109 @@
+"""The benchmark runner end to end on a tiny zoo (real MNIST from ../shared/data, real tiny CLIPs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import results as bench_results
+from bench.__main__ import main as bench_main
+from bench.datasets import DEFAULT_SHARED
+from bench.zoo import load_zoo
+
+TINY = Path(__file__).parent / "data" / "zoo-tiny.yaml"
+needs_data = pytest.mark.skipif(not (DEFAULT_SHARED / "mnist").is_dir(), reason="../shared/data is not present")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("bench")
+    out, cache = root / "out", root / "cache"
+    assert bench_main(["run", "--zoo", str(TINY), "--out", str(out), "--cache", str(cache)]) == 0
+    return out, cache, json.loads((out / "results.json").read_text())
+
+
+@needs_data
+def test_tiny_zoo_runs_every_defence_on_every_victim(tiny_run: tuple[Path, Path, dict]) -> None:
+    _out, _, res = tiny_run
+    zoo = load_zoo(TINY)
+    by_victim: dict[str, set[str]] = {}
+    for r in res["records"]:
+        by_victim.setdefault(r["victim"], set()).add(r["defence"])
+    assert by_victim["mnist-badnet-t0-s0"] == set(zoo.defences)
+    assert by_victim["mnist-clean-s0"] == {"tbar-agnostic", "decree"}  # controls only get the detectors
+    victim = next(v for v in res["victims"] if v["name"] == "mnist-badnet-t0-s0")
+    assert victim["attack_success_rate"] >= 0.9 and not victim["failed_attack"]  # the planted backdoor works
+    for r in res["records"]:
+        if "ca_kept" in r:
+            assert 0.0 <= r["ca_after"] <= 1.0 and 0.0 <= r["asr_after"] <= 1.0
+            assert r["data_used"] > 0 and r["seconds"] > 0
+    known = next(r for r in res["records"] if r["defence"] == "tbar-known")
+    assert known["asr_after"] < known["asr_before"]
+    assert known["alpha_sweep"] and known["alpha"] is not None
+    decree = next(r for r in res["records"] if r["defence"] == "decree" and r["attack"])
+    assert 0.0 < decree["pl1"] < 1.0 and decree["reference_pl1"] > 0
+    assert res["machine"]["commit"] and res["foundation"]["zero_shot_ca"]["mnist"] > 0.2
+
+
+@needs_data
+def test_tiny_zoo_writes_tables_and_plots_from_the_records(tiny_run: tuple[Path, Path, dict]) -> None:
+    out, _, res = tiny_run
+    md = (out / "RESULTS.md").read_text()
+    assert f"Command: `{res['command']}`" in md
+    assert res["machine"]["commit"] in md
+    victim = next(v for v in res["victims"] if v["name"] == "mnist-badnet-t0-s0")
+    assert (
+        f"| mnist-badnet-t0-s0 | {100 * victim['clean_accuracy']:.1f} | {100 * victim['attack_success_rate']:.1f} |"
+        in md
+    )
+    for heading in ("## Headline", "## Targets", "## Detection", "## Every removal record"):
+        assert heading in md
+    for png in ("ca_vs_asr.png", "alpha_sweeps.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_data
+def test_a_second_run_resumes_from_the_cache(tiny_run: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    _out, cache, res = tiny_run
+    records = sorted((cache / "records").glob("*.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in records}
+    assert bench_main(["run", "--zoo", str(TINY), "--out", str(tmp_path / "again"), "--cache", str(cache)]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert {p: p.stat().st_mtime_ns for p in records} == stamps  # nothing was recomputed
+    assert [(r["victim"], r["defence"], r.get("asr_after")) for r in again["records"]] == [
+        (r["victim"], r["defence"], r.get("asr_after")) for r in res["records"]
+    ]
+    assert again["wall_seconds"] < res["wall_seconds"]
+
+
+def test_zoo_file_errors_name_the_bad_entry(tmp_path: Path) -> None:
+    text = TINY.read_text().replace("attacks: [badnet]", "attacks: [badnett]")
+    bad = tmp_path / "zoo.yaml"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match="badnett"):
+        load_zoo(bad)
+
+
+def test_tradeoff_reads_both_views_of_the_alpha_curve() -> None:
+    sweep = [
+        {"alpha": 0.0, "clean_accuracy": 0.80, "attack_success_rate": 0.95},
+        {"alpha": 1.0, "clean_accuracy": 0.78, "attack_success_rate": 0.30},
+        {"alpha": 2.0, "clean_accuracy": 0.70, "attack_success_rate": 0.01},
+        {"alpha": 3.0, "clean_accuracy": 0.60, "attack_success_rate": 0.00},
+    ]
+    kept_at_low_asr, asr_at_high_kept = bench_results.tradeoff(sweep, 0.80)
+    assert kept_at_low_asr == pytest.approx(0.70 / 0.80)
+    assert asr_at_high_kept == pytest.approx(0.30)
+    assert bench_results.tradeoff([], 0.8) == (None, None)
+
+
+@pytest.mark.slow
+@needs_data
+def test_quick_zoo_smallest_slice_end_to_end(tmp_path: Path) -> None:
+    args = ["run", "--quick", "--only", "cifar10-badnet", "--defences", "tbar-known", "decree"]
+    assert bench_main([*args, "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["defence"] for r in res["records"]} == {"tbar-known", "decree"}
+    assert res["victims"][0]["name"] == "cifar10-badnet-t1-s0"
