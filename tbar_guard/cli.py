@@ -111,6 +111,24 @@ def _print_summary(report: dict[str, Any], out: Path | None) -> None:
         out_console.print(table)
     if "alpha" in report:
         out_console.print(f"alpha: {report['alpha']:g}", highlight=False)
+    back = report.get("reemergence")
+    if back:
+        audit = back.get("audit")
+        out_console.print(
+            f"re-emergence: ASR {100 * back['attack_success_rate']:.1f}% after a clean fine-tune of the sanitized model "
+            f"({back['images']} images, {back['epochs']} epochs, lr {back['lr']:g}; CA {100 * back['clean_accuracy']:.1f}%)"
+            + (f"; true trigger {100 * audit['attack_success_rate']:.1f}%" if audit else ""),
+            highlight=False,
+        )
+    xi = report.get("disentanglement")
+    if xi:
+        chosen = xi.get("at_chosen_alpha")
+        out_console.print(
+            f"disentanglement: mean xi {xi['mean_xi']:.3f}"
+            + (f", at most {chosen['max_xi']:.3f} at the chosen alpha" if chosen else "")
+            + " (0 = the trigger vector acts on triggered inputs only; 2 = fully entangled)",
+            highlight=False,
+        )
     if out is not None:
         out_console.print(f"report: {out / 'report.md'}", highlight=False)
         if report.get("output"):

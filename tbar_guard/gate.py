@@ -385,6 +385,8 @@ def gate(
             "scan": result.seconds,
             "finetune": removal.seconds_finetune if removal else 0.0,
             "alpha_search": removal.seconds_search if removal else 0.0,
+            "reemergence": removal.reemergence.seconds if removal and removal.reemergence else 0.0,
+            "disentanglement": removal.disentanglement.seconds if removal and removal.disentanglement else 0.0,
             "total": time.perf_counter() - t0,
         }
         report = write_report(tmp, report)

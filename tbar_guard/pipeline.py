@@ -171,6 +171,8 @@ def sanitize(
             "load": p.seconds,
             "finetune": removal.seconds_finetune,
             "alpha_search": removal.seconds_search,
+            "reemergence": removal.reemergence.seconds if removal.reemergence else 0.0,
+            "disentanglement": removal.disentanglement.seconds if removal.disentanglement else 0.0,
             "total": time.perf_counter() - t_start,
         }
         report = write_report(tmp, report)

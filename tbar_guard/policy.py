@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -62,17 +62,46 @@ class AnchoredPolicy(_Section):
     anchor_weight: float = Field(3.0, gt=0)
 
 
+class ReemergencePolicy(_Section):
+    enabled: bool = True
+    images: int = Field(1000, ge=1)
+    lr: float = Field(1e-4, gt=0, le=1)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+_Coefficient = Annotated[float, Field(ge=0, le=2)]
+
+
+class DisentanglementPolicy(_Section):
+    enabled: bool = True
+    images: int = Field(512, ge=1)
+    alphas_clean: tuple[_Coefficient, ...] = Field((0.0, 0.5, 1.0), min_length=1, max_length=5)
+    trigger_fractions: tuple[_Coefficient, ...] = Field((1.0, 0.5, 0.0), min_length=1, max_length=5)
+
+    @model_validator(mode="after")
+    def _speaks_to_the_removal(self) -> DisentanglementPolicy:
+        if 1.0 not in self.trigger_fractions:
+            raise ValueError(
+                f"trigger_fractions {list(self.trigger_fractions)} lack 1.0 (alpha_t = -chosen alpha, the removal made)"
+            )
+        return self
+
+
 class SanitizePolicy(_Section):
     method: Literal["anchored", "tbar"] = "anchored"
     forget_size: int = Field(1000, ge=1)
     finetune: FinetunePolicy = FinetunePolicy()
     anchored: AnchoredPolicy = AnchoredPolicy()
     alpha: AlphaPolicy = AlphaPolicy()
+    reemergence: ReemergencePolicy = ReemergencePolicy()
+    disentanglement: DisentanglementPolicy = DisentanglementPolicy()
 
 
 class AcceptPolicy(_Section):
     ca_floor: float = Field(0.95, gt=0, le=1)
     asr_ceiling: float = Field(0.05, ge=0, le=1)
+    max_reemergence_asr: float | None = Field(None, ge=0, le=1)
 
 
 class DecreePolicy(_Section):
@@ -131,6 +160,15 @@ class Policy(_Section):
     trigger: TriggerSpec | None = None
     target: str | None = None
 
+    @model_validator(mode="after")
+    def _reemergence_measured_when_judged(self) -> Policy:
+        if self.accept.max_reemergence_asr is not None and not self.sanitize.reemergence.enabled:
+            raise ValueError(
+                f"accept.max_reemergence_asr is {self.accept.max_reemergence_asr} but "
+                "sanitize.reemergence.enabled is false: the re-emergence ASR it judges would not be measured"
+            )
+        return self
+
     def sha256(self) -> str:
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
@@ -177,10 +215,22 @@ sanitize:
     fine_step: 0.1
     select: lowest-asr   # lowest-asr: lowest ASR within the CA floor (ties: smaller alpha);
                          # best-ca: highest CA among alphas within the floor AND under the ASR ceiling
+  reemergence:           # after a removal: fine-tune the sanitized model on clean images, measure ASR again
+    enabled: true          # repair images: forget-split images the forget set did not use (test split never)
+    images: 1000           # clean images (true labels), cross-entropy through the frozen zero-shot head
+    lr: 0.0001
+    epochs: 5
+    batch_size: 64
+  disentanglement:       # evidence: weight-disentanglement error xi of the trigger vector vs a clean vector
+    enabled: true          # clean vector: forget-split images fine-tuned with their true labels (forget recipe)
+    images: 512            # held-out validation images, evaluated clean and stamped with the trigger
+    alphas_clean: [0.0, 0.5, 1.0]      # coefficients of the clean vector
+    trigger_fractions: [1.0, 0.5, 0.0]  # alpha_t = -fraction x chosen alpha (must include 1.0)
 
 accept:
   ca_floor: 0.95         # keep clean accuracy >= ca_floor x the original model's
   asr_ceiling: 0.05      # the backdoor counts as removed when attack success rate <= this
+  max_reemergence_asr: null  # when set: "unremoved" if the ASR after the clean fine-tune exceeds this
 
 detect:                  # trigger inversion (scan, gate)
   # differential: per-class compact trigger search through the zero-shot head, penalised where it

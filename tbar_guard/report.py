@@ -38,8 +38,11 @@ def sweep_json(points: Sequence[SweepPoint]) -> list[dict[str, Any]]:
 
 
 def removal_json(removal: Removal) -> dict[str, Any]:
-    """The TBAR part of a report (shared by ``sanitize`` and ``gate``)."""
-    return {
+    """The TBAR part of a report (shared by ``sanitize`` and ``gate``).
+
+    ``reemergence`` (after a clean fine-tune of the sanitized model) and ``disentanglement`` (ξ)
+    are present only when they were measured."""
+    out: dict[str, Any] = {
         "alpha": removal.alpha,
         "before": removal.before.to_json(),
         "after": removal.after.to_json(),
@@ -50,6 +53,15 @@ def removal_json(removal: Removal) -> dict[str, Any]:
         "trigger_vector_relative_norm": removal.relative_norm,
         "finetune_steps": removal.finetune_steps,
     }
+    if removal.reemergence is not None:
+        out["reemergence"] = {
+            **removal.reemergence.to_json(),
+            "repair_images_from": removal.reemergence_pool,
+            "audit": removal.audit_reemergence.to_json() if removal.audit_reemergence else None,
+        }
+    if removal.disentanglement is not None:
+        out["disentanglement"] = removal.disentanglement.to_json()
+    return out
 
 
 def base_report(command: str, verdict: str, exit_code: int, reason: str) -> dict[str, Any]:
@@ -127,6 +139,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
             )
         if report.get("pictures", {}).get("alpha_sweep"):
             lines += ["", f"![alpha sweep]({report['pictures']['alpha_sweep']})"]
+    lines += _reemergence_md(report)
+    lines += _disentanglement_md(report)
     detection = report.get("detection")
     if detection:
         lines += ["", "## Detection", ""]
@@ -146,6 +160,65 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _reemergence_md(report: Mapping[str, Any]) -> list[str]:
+    back = report.get("reemergence")
+    if not back:
+        return []
+    lines = [
+        "",
+        f"## Re-emergence (test split, after a clean fine-tune of the sanitized model: {back['images']} images, "
+        f"{back['epochs']} epochs, lr {back['lr']:g})",
+        "",
+        "| trigger | ASR after removal | ASR after the clean fine-tune | clean accuracy after the clean fine-tune |",
+        "|---|---|---|---|",
+        f"| the one removal used | {_pct(report.get('after', {}).get('attack_success_rate'))} | "
+        f"{_pct(back['attack_success_rate'])} | {_pct(back['clean_accuracy'])} |",
+    ]
+    audit = back.get("audit")
+    if audit:
+        after = (report.get("true_trigger") or {}).get("after") or {}
+        lines.append(
+            f"| true trigger (audit) | {_pct(after.get('attack_success_rate'))} | "
+            f"{_pct(audit['attack_success_rate'])} | {_pct(audit['clean_accuracy'])} |"
+        )
+    limit = (report.get("policy", {}).get("accept") or {}).get("max_reemergence_asr")
+    lines += [
+        "",
+        f"Repair images: {back['repair_images_from']} (never the test split). "
+        + (f"Policy limit on the re-emergence ASR: {limit}." if limit is not None else "The policy sets no limit."),
+    ]
+    return lines
+
+
+def _disentanglement_md(report: Mapping[str, Any]) -> list[str]:
+    d = report.get("disentanglement")
+    if not d:
+        return []
+    lines = [
+        "",
+        f"## Weight disentanglement ξ (trigger vector vs a clean vector; {d['images']} validation images, "
+        "clean and stamped)",
+        "",
+        "| alpha_clean (rows) / alpha_trigger (columns) | " + " | ".join(f"{a:g}" for a in d["alphas_trigger"]) + " |",
+        "|---|" + "---|" * len(d["alphas_trigger"]),
+    ]
+    for a_c, row in zip(d["alphas_clean"], d["xi"], strict=True):
+        lines.append(f"| {a_c:g} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    chosen = d.get("at_chosen_alpha")
+    worst = (
+        f"; at the chosen alpha (alpha_trigger {chosen['alpha_trigger']:g}) at most {chosen['max_xi']:.3f}"
+        if chosen
+        else ""
+    )
+    lines += [
+        "",
+        f"Mean ξ {d['mean_xi']:.3f}{worst} (0 = disentangled, 2 = fully entangled). Low ξ means the trigger "
+        "vector acts on triggered inputs only: negating it leaves clean predictions as they were, and clean "
+        "fine-tuning leaves the sanitized model's triggered predictions as they were.",
+    ]
+    return lines
 
 
 def plot_sweep(sweep: Sequence[Mapping[str, Any]], chosen: float | None, path: Path) -> Path:

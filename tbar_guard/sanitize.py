@@ -12,6 +12,11 @@
 4. The test split reports before/after. The verdict is "removed" only if the chosen α meets the
    policy on the validation split *and* the test-split ASR is under the ceiling (the security claim
    is confirmed on unseen data; test CA is reported, the CA floor is judged where α is chosen).
+5. Evidence (each switchable in the policy): whenever τ was negated, the weight-disentanglement
+   error ξ of τ against a clean vector (:mod:`tbar_guard.disentangle`); after a "removed" verdict,
+   the re-emergence ASR after a short clean fine-tune of the sanitized model
+   (:mod:`tbar_guard.reemerge`), which turns the verdict to "unremoved" when it exceeds
+   ``accept.max_reemergence_asr``.
 
 α search (coarse-to-fine): evaluate the coarse grid ``min, min+coarse_step, …, max`` in order,
 stopping early once ASR reaches 0 at a feasible α (nothing can beat it and ties go to the smaller
@@ -22,6 +27,7 @@ that is at most 13 + 4 = 17 evaluations instead of 61 for a 0.1-step grid over [
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,9 +37,11 @@ import torch
 from tbar_guard.attacks import Trigger
 from tbar_guard.clip import ZeroShotClassifier, visual_state
 from tbar_guard.data import ImageSet, Splits
+from tbar_guard.disentangle import Disentanglement, measure_disentanglement
 from tbar_guard.errors import DataError
 from tbar_guard.evaluate import Metrics, evaluate
 from tbar_guard.policy import AcceptPolicy, AlphaPolicy, Policy
+from tbar_guard.reemerge import Reemergence, ReemergenceConfig, measure_reemergence_under
 from tbar_guard.task_vector import TaskVector
 from tbar_guard.train import FinetuneConfig, finetune_visual
 
@@ -75,6 +83,21 @@ class Removal:
     visual: dict[str, torch.Tensor]
     audit_before: Metrics | None = None  # test split under the true trigger, when it is known (gate audits)
     audit_after: Metrics | None = None
+    # after a clean fine-tune of the sanitized model (only when the negation met the policy)
+    reemergence: Reemergence | None = None  # under the trigger removal used (the inverted one under gate)
+    audit_reemergence: Reemergence | None = None  # under the true trigger (gate audits)
+    reemergence_pool: str = ""  # where the clean repair images came from
+    disentanglement: Disentanglement | None = None  # ξ of τ against a clean vector (whenever τ was negated)
+
+
+def forget_indices(images: ImageSet, target: int, size: int, seed: int) -> torch.Tensor:
+    """Indices into ``images`` of the forget set: ``size`` non-target images drawn with ``seed``."""
+    pool = torch.nonzero(images.labels != target).flatten()
+    if pool.numel() == 0:
+        raise DataError(f"no non-target images in the forget split (target class {target})")
+    n = min(size, int(pool.numel()))
+    order = torch.randperm(int(pool.numel()), generator=torch.Generator().manual_seed(seed))[:n]
+    return pool[order]
 
 
 def build_forget_set(
@@ -83,14 +106,29 @@ def build_forget_set(
     """``size`` non-target images stamped with ``trigger`` and labelled ``target``.
 
     Returns (stamped pixels, labels, the same images unstamped — their clean twins)."""
-    pool = images.subset(images.labels != target)
-    if len(pool) == 0:
-        raise DataError(f"no non-target images in the forget split (target class {target})")
-    n = min(size, len(pool))
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
-    clean = pool.subset(order).pixels()
+    index = forget_indices(images, target, size, seed)
+    clean = images.subset(index).pixels()
     pixels = trigger.apply(clean, generator=torch.Generator().manual_seed(seed + 1))
-    return pixels, torch.full((n,), target, dtype=torch.int64), clean
+    return pixels, torch.full((int(index.numel()),), target, dtype=torch.int64), clean
+
+
+def repair_pool(forget_split: ImageSet, used: torch.Tensor, wanted: int) -> tuple[ImageSet, str]:
+    """Clean images for the re-emergence fine-tune, never from the val or test split.
+
+    The forget-split images the forget set did not use, when there are at least ``wanted`` of them
+    and they cover every class of the split; otherwise the whole forget split (the forget set's
+    clean twins included, with their true labels). On a small split the unused images are mostly
+    the target class (the forget set takes non-target images first), and a one-class repair set
+    would teach the model that class rather than re-test the backdoor."""
+    keep = torch.ones(len(forget_split), dtype=torch.bool)
+    keep[used] = False
+    unused = forget_split.subset(keep)
+    too_few = len(unused) < wanted
+    missing = set(forget_split.labels.tolist()) - set(unused.labels.tolist())
+    if not too_few and not missing:
+        return unused, "forget-split images unused by the forget set"
+    why = f"{wanted} wanted" if too_few else f"classes {sorted(missing)} missing from them"
+    return forget_split, f"whole forget split (only {len(unused)} images unused by the forget set, {why})"
 
 
 def _grid(start: float, stop: float, step: float) -> list[float]:
@@ -224,6 +262,7 @@ def remove_backdoor(
             audit_before,
         )
 
+    used = forget_indices(splits.forget, target, policy.sanitize.forget_size, seed)
     pixels, labels, twins = build_forget_set(splits.forget, trigger, target, policy.sanitize.forget_size, seed)
     config = finetune_config(policy)
     t0 = time.perf_counter()
@@ -279,6 +318,19 @@ def remove_backdoor(
             f"on the validation split that chose alpha: {choice.point.clean_accuracy:.3f} vs "
             f"{val_before.clean_accuracy:.3f})"
         )
+
+    disentanglement = None
+    if policy.sanitize.disentanglement.enabled and choice.alpha > 0:  # at α = 0 nothing was negated
+        disentanglement = _disentanglement(clf, splits, trigger, tau, choice.alpha, int(labels.shape[0]), policy)
+    reemergence: tuple[Reemergence, ...] = ()
+    pool_note = ""
+    if verdict == "removed" and policy.sanitize.reemergence.enabled:
+        r = policy.sanitize.reemergence
+        config_r = ReemergenceConfig(r.images, r.lr, r.epochs, r.batch_size, seed)
+        pool, pool_note = repair_pool(splits.forget, used, r.images)
+        attacks = [(trigger, target), *([audit] if audit else [])]
+        reemergence = measure_reemergence_under(clf, sanitized, pool, splits.test, attacks, config_r)
+        verdict, reason = judge_reemergence(reason, reemergence[0], accept.max_reemergence_asr)
     return Removal(
         verdict,
         reason,
@@ -296,4 +348,59 @@ def remove_backdoor(
         sanitized,
         audit_before,
         audit_after,
+        reemergence=reemergence[0] if reemergence else None,
+        audit_reemergence=reemergence[1] if len(reemergence) > 1 else None,
+        reemergence_pool=pool_note,
+        disentanglement=disentanglement,
+    )
+
+
+def judge_reemergence(reason: str, back: Reemergence, limit: float | None) -> tuple[str, str]:
+    """The verdict of a removal that met the policy, once its re-emergence ASR is known.
+
+    "unremoved" when ``limit`` (accept.max_reemergence_asr) is set and the ASR exceeds it; the
+    reason always says what was measured."""
+    said = (
+        f"re-emergence ASR {back.attack_success_rate:.3f} on the test split after a clean fine-tune of the "
+        f"sanitized model ({back.images} images, {back.epochs} epochs, lr {back.lr:g})"
+    )
+    if limit is not None and back.attack_success_rate > limit:
+        return "unremoved", f"{reason}; but the backdoor re-emerges: {said} exceeds accept.max_reemergence_asr {limit}"
+    return "removed", f"{reason}; {said}" + (f" (max {limit})" if limit is not None else "")
+
+
+def _disentanglement(
+    clf: ZeroShotClassifier,
+    splits: Splits,
+    trigger: Trigger,
+    tau: TaskVector,
+    alpha: float,
+    n_forget: int,
+    policy: Policy,
+) -> Disentanglement:
+    """ξ of the removal's τ against a clean vector (``clf.visual`` is θ_b on entry and on return).
+
+    The clean vector is fine-tuned on ``n_forget`` forget-split images (all classes, drawn with
+    seed + 2) with their true labels, with the forget fine-tune's optimiser recipe and plain
+    cross-entropy (no temperature, no anchor: a clean fine-tune has no clean twins to hold).
+    ξ is evaluated on the first ``images`` validation images and the same images stamped."""
+    d = policy.sanitize.disentanglement
+    seed = policy.seed
+    n = min(n_forget, len(splits.forget))
+    order = torch.randperm(len(splits.forget), generator=torch.Generator().manual_seed(seed + 2))[:n]
+    clean = splits.forget.subset(order)
+    held_out = splits.val.subset(torch.arange(min(d.images, len(splits.val))))
+    recipe = dataclasses.replace(finetune_config(policy), temperature=1.0, anchor_weight=0.0)
+    return measure_disentanglement(
+        clf,
+        tau.vector,
+        clean.pixels(),
+        clean.labels,
+        held_out.pixels(),
+        trigger,
+        alpha,
+        d.alphas_clean,
+        d.trigger_fractions,
+        recipe,
+        seed,
     )

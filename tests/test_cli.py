@@ -55,11 +55,14 @@ def _invoke(args: list[str]):  # type: ignore[no-untyped-def]
 
 
 def test_removed_exits_1(victim_dir: Path, test_npz: Path, tmp_path: Path) -> None:
-    policy = _policy(tmp_path, "accept:\n  ca_floor: 0.85\n")
+    cheap_evidence = "sanitize:\n  reemergence:\n    images: 100\n    epochs: 1\n  disentanglement:\n    images: 100\n"
+    policy = _policy(tmp_path, "accept:\n  ca_floor: 0.85\n" + cheap_evidence)
     out = tmp_path / "out"
     result = _invoke(_sanitize(victim_dir, test_npz, out, "--policy", str(policy), target="the digit zero"))
     assert result.exit_code == ExitCode.BACKDOOR_REMOVED == 1, result.output
     assert "verdict: removed" in result.stdout
+    assert "re-emergence: ASR " in result.stdout and "(100 images, 1 epochs, lr 0.0001;" in result.stdout
+    assert "disentanglement: mean xi " in result.stdout
     assert f"sanitized model: {out / 'model'}" in result.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["verdict"] == "removed" and report["exit_code"] == 1

@@ -77,10 +77,19 @@ def test_scan_is_deterministic(victim_dir: Path, test_npz: Path, base_dir: Path,
 def test_gate_removes_backdoor_with_inverted_trigger(
     victim_dir: Path, test_npz: Path, base_dir: Path, tmp_path: Path
 ) -> None:
-    policy = _policy(base_dir, trigger={"kind": "badnet"}, target="0")
+    evidence = {"reemergence": {"images": 200, "epochs": 2}, "disentanglement": {"images": 200}}
+    policy = _policy(base_dir, trigger={"kind": "badnet"}, target="0", sanitize=evidence)
     result = gate(victim_dir, test_npz, policy, tmp_path / "gate")
     report = result.report
     assert result.verdict == "removed", report["reason"]
+    # re-emergence under the inverted trigger removal used, and under the true trigger of the audit
+    back = report["reemergence"]
+    assert back["images"] == 200 and back["audit"] is not None
+    assert back["audit"]["clean_accuracy"] == back["clean_accuracy"], "one clean fine-tune serves both triggers"
+    assert 0 <= back["audit"]["attack_success_rate"] <= 1
+    assert report["disentanglement"]["at_chosen_alpha"]["alpha_trigger"] == -report["alpha"]
+    md = (tmp_path / "gate" / "report.md").read_text()
+    assert "| true trigger (audit) |" in md
     assert int(result.exit_code) == 1
     assert report["after"]["attack_success_rate"] <= policy.accept.asr_ceiling
     true = report["true_trigger"]

@@ -140,6 +140,47 @@ def test_empty_alpha_range_or_bad_steps(alpha: dict[str, float]) -> None:
     assert _paths(problems) == ["sanitize.alpha"]
 
 
+def test_evidence_defaults_and_ranges() -> None:
+    p = Policy()
+    r, d = p.sanitize.reemergence, p.sanitize.disentanglement
+    assert (r.enabled, r.images, r.lr, r.epochs, r.batch_size) == (True, 1000, 1e-4, 5, 64)
+    assert (d.enabled, d.images, d.alphas_clean, d.trigger_fractions) == (True, 512, (0.0, 0.5, 1.0), (1.0, 0.5, 0.0))
+    assert p.accept.max_reemergence_asr is None
+    bad = {
+        "sanitize": {
+            "reemergence": {"images": 0, "lr": 0, "epochs": 0, "batch_size": 0, "enabled": "sometimes"},
+            "disentanglement": {"images": 0, "alphas_clean": [], "trigger_fractions": [1.0, 3.0]},
+        },
+        "accept": {"max_reemergence_asr": 1.5},
+    }
+    assert sorted(_paths(_problems(bad))) == sorted(
+        [
+            "accept.max_reemergence_asr",
+            "sanitize.disentanglement.alphas_clean",
+            "sanitize.disentanglement.images",
+            "sanitize.disentanglement.trigger_fractions.1",
+            "sanitize.reemergence.batch_size",
+            "sanitize.reemergence.enabled",
+            "sanitize.reemergence.epochs",
+            "sanitize.reemergence.images",
+            "sanitize.reemergence.lr",
+        ]
+    )
+    ok = policy_from_dict({"accept": {"max_reemergence_asr": 0.2}, "sanitize": {"reemergence": {"images": 50}}})
+    assert ok.accept.max_reemergence_asr == 0.2 and ok.sanitize.reemergence.images == 50
+
+
+def test_disentanglement_grid_must_include_the_chosen_alpha() -> None:
+    problems = _problems({"sanitize": {"disentanglement": {"trigger_fractions": [0.5, 0.0]}}})
+    assert _paths(problems) == ["sanitize.disentanglement"] and "lack 1.0" in problems[0]
+
+
+def test_reemergence_limit_needs_the_measurement() -> None:
+    problems = _problems({"accept": {"max_reemergence_asr": 0.1}, "sanitize": {"reemergence": {"enabled": False}}})
+    assert _paths(problems) == ["(top level)"] and "would not be measured" in problems[0]
+    assert not policy_from_dict({"sanitize": {"reemergence": {"enabled": False}}}).sanitize.reemergence.enabled
+
+
 def test_fractions_summing_over_one() -> None:
     problems = _problems({"data": {"forget_fraction": 0.5, "val_fraction": 0.4, "test_fraction": 0.3}})
     assert _paths(problems) == ["data"]
@@ -248,6 +289,9 @@ def test_sha256_is_stable_across_processes() -> None:
         {"accept": {"ca_floor": 0.9}},
         {"sanitize": {"alpha": {"max": 5.0}}},
         {"sanitize": {"method": "tbar"}},
+        {"sanitize": {"reemergence": {"epochs": 2}}},
+        {"sanitize": {"disentanglement": {"enabled": False}}},
+        {"accept": {"max_reemergence_asr": 0.1}},
         {"trigger": {"kind": "badnet"}},
         {"target": "0"},
     ],

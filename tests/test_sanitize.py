@@ -25,7 +25,13 @@ from tbar_guard.pipeline import RunResult, sanitize
 from tbar_guard.policy import AcceptPolicy, AlphaPolicy, Policy, policy_from_dict
 from tbar_guard.sanitize import _grid, search_alpha
 
-RELAXED = {"accept": {"ca_floor": 0.85}}  # plain removal costs more than 5% CA on the tiny model
+# plain removal costs more than 5% CA on the tiny model; the evidence (re-emergence, ξ) made cheap
+EVIDENCE = {"reemergence": {"images": 200, "epochs": 2}, "disentanglement": {"images": 200}}
+RELAXED = {"accept": {"ca_floor": 0.85}, "sanitize": EVIDENCE}
+NO_EVIDENCE = {
+    "accept": {"ca_floor": 0.85},
+    "sanitize": {"reemergence": {"enabled": False}, "disentanglement": {"enabled": False}},
+}
 PLAIN_TBAR = {"sanitize": {"method": "tbar"}}  # the paper's recipe under the default 0.95 floor
 
 
@@ -96,9 +102,10 @@ def test_report_contents(removed: RunResult, victim_dir: Path) -> None:
     assert r["data"]["splits"] == {"forget": 800, "val": 600, "test": 600}
     assert 0 < r["forget_size"] <= 800 and r["finetune_steps"] > 0
     assert r["trigger_vector_norm"] > 0 and 0 < r["trigger_vector_relative_norm"] < 1
-    assert set(r["timings"]) == {"load", "finetune", "alpha_search", "total"}
+    assert set(r["timings"]) == {"load", "finetune", "alpha_search", "reemergence", "disentanglement", "total"}
     assert all(v >= 0 for v in r["timings"].values())
-    assert r["timings"]["total"] >= r["timings"]["finetune"] + r["timings"]["alpha_search"]
+    assert r["timings"]["reemergence"] > 0 and r["timings"]["disentanglement"] > 0
+    assert r["timings"]["total"] >= sum(v for k, v in r["timings"].items() if k not in ("load", "total"))
     assert (removed.out / "report.md").read_text().startswith("# tbar-guard sanitize: **REMOVED**")
     assert (removed.out / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert r["pictures"] == {"alpha_sweep": "alpha_sweep.png"}
@@ -147,10 +154,80 @@ def test_input_model_is_untouched(removed: RunResult, victim_dir: Path, badnet_v
     assert sha256_state(load_bundle(victim_dir).model.state_dict()) == sha256_state(badnet_victim.model.state_dict())
 
 
-def test_same_inputs_same_alpha_and_weights(
-    removed: RunResult, victim_dir: Path, test_npz: Path, tmp_path: Path
-) -> None:
-    again = _run(victim_dir, test_npz, tmp_path / "again", policy_from_dict(RELAXED))
+def test_reemergence_in_report(removed: RunResult) -> None:
+    r = removed.report
+    back = r["reemergence"]
+    assert set(back) == {
+        "clean_accuracy",
+        "attack_success_rate",
+        "images",
+        "epochs",
+        "lr",
+        "seconds",
+        "repair_images_from",
+        "audit",
+    }
+    assert (back["images"], back["epochs"], back["lr"]) == (200, 2, 1e-4)
+    assert 0 <= back["attack_success_rate"] <= 1 and back["seconds"] > 0
+    assert back["clean_accuracy"] > 0.5, "a clean fine-tune keeps the model usable"
+    assert back["audit"] is None  # sanitize knows only the trigger it removed
+    # 800 forget-split images, ~720 of them in the forget set: too few unused, the whole split repairs
+    assert back["repair_images_from"].startswith("whole forget split")
+    assert f"re-emergence ASR {back['attack_success_rate']:.3f}" in r["reason"]
+    assert removed.out is not None
+    md = (removed.out / "report.md").read_text()
+    assert "## Re-emergence (test split, after a clean fine-tune of the sanitized model: 200 images" in md
+    assert f"| {100 * back['attack_success_rate']:.1f}% |" in md
+
+
+def test_disentanglement_in_report(removed: RunResult) -> None:
+    r = removed.report
+    d = r["disentanglement"]
+    assert set(d) >= {
+        "alphas_clean",
+        "alphas_trigger",
+        "xi",
+        "clean_part",
+        "trigger_part",
+        "mean_xi",
+        "at_chosen_alpha",
+    }
+    a = r["alpha"]
+    assert d["alphas_clean"] == [0.0, 0.5, 1.0]
+    assert d["alphas_trigger"] == pytest.approx([-a, -a / 2, 0.0]) and d["alphas_trigger"][2] == 0.0
+    assert d["images"] == 200 and d["clean_images"] == r["forget_size"] and d["clean_vector_norm"] > 0
+    cells = [v for row in d["xi"] for v in row]
+    assert len(cells) == 9 and all(0.0 <= v <= 2.0 for v in cells)
+    for i in range(3):
+        for j in range(3):
+            assert 0.0 <= d["clean_part"][i][j] <= 1.0 and 0.0 <= d["trigger_part"][i][j] <= 1.0
+            assert d["xi"][i][j] == pytest.approx(d["clean_part"][i][j] + d["trigger_part"][i][j])
+    # sanity: at α_c = 0, α_t = 0 both sides are the same model, exactly
+    assert d["xi"][0][2] == 0.0
+    assert all(row[2] == 0.0 for row in d["clean_part"]), "α_t = 0 adds nothing to θ_b + α_c·τ_c"
+    assert all(v == 0.0 for v in d["trigger_part"][0]), "α_c = 0 adds nothing to θ_b + α_t·τ_t"
+    # the negation changes some clean predictions (it costs CA here): ξ is measured, not constant
+    assert d["xi"][0][0] > 0
+    assert d["mean_xi"] == pytest.approx(sum(cells) / 9)
+    chosen = d["at_chosen_alpha"]
+    assert chosen["alpha_trigger"] == pytest.approx(-a)
+    assert chosen["xi"] == [row[0] for row in d["xi"]] and chosen["max_xi"] == max(chosen["xi"])
+    assert removed.out is not None
+    md = (removed.out / "report.md").read_text()
+    assert "## Weight disentanglement" in md and "Low ξ means the trigger vector acts on triggered inputs only" in md
+    assert f"| 0 | {d['xi'][0][0]:.3f} | {d['xi'][0][1]:.3f} | 0.000 |" in md
+
+
+def test_same_removal_without_evidence(removed: RunResult, victim_dir: Path, test_npz: Path, tmp_path: Path) -> None:
+    """Same inputs, same α and weights; re-emergence and ξ are measured after the removal and change
+    nothing in it, and a policy that disables them gets neither in the report."""
+    again = _run(victim_dir, test_npz, tmp_path / "again", policy_from_dict(NO_EVIDENCE))
+    assert "reemergence" not in again.report and "disentanglement" not in again.report
+    assert again.report["timings"]["reemergence"] == 0.0 == again.report["timings"]["disentanglement"]
+    assert again.out is not None
+    md = (again.out / "report.md").read_text()
+    assert "## Re-emergence" not in md and "## Weight disentanglement" not in md
+    assert "re-emergence" not in again.report["reason"]
     assert again.verdict == removed.verdict
     assert again.report["alpha"] == removed.report["alpha"]
     assert again.report["alpha_sweep"] == removed.report["alpha_sweep"]
@@ -179,12 +256,15 @@ def test_plain_tbar_cannot_meet_the_default_floor(unremoved: RunResult) -> None:
     feasible = [p for p in r["alpha_sweep"] if p["feasible"]]
     assert feasible and all(p["attack_success_rate"] > 0.05 for p in feasible)
     assert "no alpha" in r["reason"]
+    assert "reemergence" not in r, "re-emergence is measured only for a removal that met the policy"
+    assert ("disentanglement" in r) == (r["alpha"] > 0), "ξ explains the best negation found, if any"
 
 
 def test_clean_model_gets_clean_verdict(clean_twin_dir: Path, test_npz: Path, tmp_path: Path) -> None:
     result = _run(clean_twin_dir, test_npz, tmp_path / "o", policy_from_dict(RELAXED))
     assert result.verdict == "clean" and result.exit_code == ExitCode.CLEAN == 0
     assert result.report["alpha"] == 0.0 and result.report["alpha_sweep"] == []
+    assert "reemergence" not in result.report and "disentanglement" not in result.report  # no removal ran
     assert not (tmp_path / "o" / "model").exists()
     assert (tmp_path / "o" / "report.json").is_file()
 
