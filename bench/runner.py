@@ -163,11 +163,16 @@ class Runner:
         if defence in KNOWN:
             assert v.attack is not None
             method = "anchored" if defence == "tbar-known" else "tbar"
-            policy = self.policy({"sanitize": {"method": method}})
+            # ξ costs a second fine-tune: measured for one victim per attack (the first seed), default method
+            xi = defence == "tbar-known" and v.seed == min(x.seed for x in self.spec.victims if x.attack == v.attack)
+            policy = self.policy({"sanitize": {"method": method, "disentanglement": {"enabled": xi}}})
             r = sanitize(vdir, ctx.data_npz, policy, self.spec.trigger(v.attack), str(v.target), out).report
             return _removal_record(r, r["before"], r["after"])
         if defence == "tbar-agnostic":
-            extra: dict[str, Any] = {"detect": {"reference_models": [str(ctx.base_dir)]}}
+            extra: dict[str, Any] = {
+                "detect": {"reference_models": [str(ctx.base_dir)]},
+                "sanitize": {"disentanglement": {"enabled": False}},
+            }
             if v.attack is not None:
                 extra.update({"trigger": spec_to_dict(self.spec.trigger(v.attack)), "target": str(v.target)})
             r = gate(vdir, ctx.data_npz, self.policy(extra), out).report
@@ -267,12 +272,8 @@ class Runner:
         self, clf: Any, visual: dict[str, torch.Tensor], ctx: TaskContext, trigger: Any, target: int
     ) -> float:
         policy = self.policy()
-        r = getattr(policy.sanitize, "reemergence", None)  # the policy's recipe, so every defence is measured alike
-        config = (
-            ReemergenceConfig(images=r.images, lr=r.lr, epochs=r.epochs, batch_size=r.batch_size, seed=policy.seed)
-            if r is not None
-            else ReemergenceConfig(seed=policy.seed)
-        )
+        r = policy.sanitize.reemergence  # the policy's recipe, so every defence is measured alike
+        config = ReemergenceConfig(images=r.images, lr=r.lr, epochs=r.epochs, batch_size=r.batch_size, seed=policy.seed)
         repair = ctx.splits.forget
         return measure_reemergence(clf, visual, repair, ctx.splits.test, trigger, target, config).attack_success_rate
 
