@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--only", default=None, help="run only victims whose name contains this")
     run.add_argument("--limit", type=int, default=None, help="run only the first N victims")
     run.add_argument("--defences", nargs="+", default=None, help="a subset of the zoo's defences")
+    run.add_argument(
+        "--from-cache",
+        action="store_true",
+        help="train and run nothing: write the tables from the cached records, listing what is missing",
+    )
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     args = parser.parse_args(argv)
 
@@ -45,7 +50,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     res = runner.load_and_run(
-        zoo, args.out, args.cache, shared, log, args.only, args.limit, tuple(args.defences) if args.defences else None
+        zoo,
+        args.out,
+        args.cache,
+        shared,
+        log,
+        args.only,
+        args.limit,
+        tuple(args.defences) if args.defences else None,
+        args.from_cache,
     )
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     res["command"] = command

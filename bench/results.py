@@ -164,6 +164,17 @@ def write_markdown(results: dict[str, Any], out: Path, command: str) -> Path:
             *xi_rows,
         ]
 
+    if results.get("missing"):
+        lines += [
+            "",
+            "## Not run (no cached result when these tables were written)",
+            "",
+            "This run only collected cached records (`--from-cache`); these were never computed, so the tables "
+            "above do not cover them: " + "; ".join(results["missing"]) + ".",
+        ]
+    commits = sorted({str(r.get("commit", "not recorded")) for r in recs})
+    lines += ["", f"Records computed by commit(s): {', '.join(commits)}."]
+
     # ---- every record ---------------------------------------------------------------------------
     lines += [
         "",

@@ -71,6 +71,9 @@ class Runner:
         self.tasks: dict[str, TaskContext] = {}
         self.records: list[dict[str, Any]] = []
         self.victims: list[dict[str, Any]] = []
+        self.missing: list[str] = []  # victims / victim x defence with no cached result (from_cache runs)
+        self.from_cache = False
+        self.commit = "unknown"
 
     # --- policy -------------------------------------------------------------------------------
     def policy(self, extra: dict[str, Any] | None = None) -> Policy:
@@ -122,6 +125,9 @@ class Runner:
 
     # --- one victim ---------------------------------------------------------------------------
     def run_victim(self, v: VictimSpec) -> None:
+        if self.from_cache and not self.zoo.victim_cached(v):
+            self.missing.append(f"{v.name} (victim not built)")
+            return
         ctx = self.task(v.task)
         vdir, meta = self.zoo.victim(v)
         meta = dict(meta)
@@ -140,10 +146,14 @@ class Runner:
             cached = self.cache / "records" / f"{v.name}-{defence}-{key}.json"
             if cached.exists():
                 rec = json.loads(cached.read_text())
+            elif self.from_cache:
+                self.missing.append(f"{v.name} x {defence}")
+                continue
             else:
                 t0 = time.perf_counter()
                 rec = self.defend(v, vdir, ctx, defence, key)
                 rec["seconds"] = time.perf_counter() - t0
+                rec["commit"] = self.commit  # the code that computed this record
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 cached.write_text(json.dumps(rec, indent=2), encoding="utf-8")
             rec = {
@@ -278,9 +288,13 @@ class Runner:
         return measure_reemergence(clf, visual, repair, ctx.splits.test, trigger, target, config).attack_success_rate
 
     # --- whole run ----------------------------------------------------------------------------
-    def run(self, only: str | None = None, limit: int | None = None) -> dict[str, Any]:
+    def run(self, only: str | None = None, limit: int | None = None, from_cache: bool = False) -> dict[str, Any]:
+        """Run (with ``from_cache``: only collect) every victim x defence; what is missing is listed."""
         t0 = time.perf_counter()
         host = machine()  # at the start: the code that produced the records, whatever is edited later
+        self.commit, self.from_cache = host["commit"], from_cache
+        if from_cache and not self.zoo.foundation_cached():
+            raise FileNotFoundError(f"no cached foundation under {self.cache}; run without --from-cache first")
         self.zoo.foundation()
         victims = [v for v in self.spec.victims if only is None or only in v.name]
         if limit is not None:
@@ -300,6 +314,8 @@ class Runner:
             "policy": self.policy().to_json(),
             "victims": self.victims,
             "records": self.records,
+            "missing": self.missing,
+            "from_cache": from_cache,
             "wall_seconds": wall,
         }
 
@@ -377,7 +393,8 @@ def load_and_run(
     only: str | None = None,
     limit: int | None = None,
     defences_: tuple[str, ...] | None = None,
+    from_cache: bool = False,
 ) -> dict[str, Any]:
     spec = load_zoo(zoo_path)
     runner = Runner(spec, out, cache, shared, log, defences_)
-    return runner.run(only, limit)
+    return runner.run(only, limit, from_cache)

@@ -180,6 +180,16 @@ class Zoo:
     def foundation_dir(self) -> Path:
         return self.cache / "models" / f"foundation-{self.spec.foundation_key()}"
 
+    def foundation_cached(self) -> bool:
+        return (self.foundation_dir() / "open_clip_model.safetensors").exists()
+
+    def victim_dir(self, v: VictimSpec) -> Path:
+        return self.cache / "models" / f"victim-{v.name}-{self.spec.victim_key(v)}"
+
+    def victim_cached(self, v: VictimSpec) -> bool:
+        out = self.victim_dir(v)
+        return (out / "open_clip_model.safetensors").exists() and (out.parent / f"{out.name}.json").exists()
+
     def foundation(self) -> Path:
         """Bundle directory of the foundation (union task); trained once, then cached."""
         out = self.foundation_dir()
@@ -242,9 +252,9 @@ class Zoo:
 
     def victim(self, v: VictimSpec) -> tuple[Path, dict[str, Any]]:
         """Bundle directory of a victim and its build record (CA/ASR on the defender's data)."""
-        out = self.cache / "models" / f"victim-{v.name}-{self.spec.victim_key(v)}"
+        out = self.victim_dir(v)
         meta_file = out.parent / f"{out.name}.json"
-        if (out / "open_clip_model.safetensors").exists() and meta_file.exists():
+        if self.victim_cached(v):
             return out, json.loads(meta_file.read_text())
         task = self.spec.tasks[v.task]
         base = load_bundle(self.base_for(v.task))

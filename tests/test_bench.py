@@ -107,3 +107,28 @@ def test_quick_zoo_smallest_slice_end_to_end(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["defence"] for r in res["records"]} == {"tbar-known", "decree"}
     assert res["victims"][0]["name"] == "cifar10-badnet-t1-s0"
+
+
+@needs_data
+def test_from_cache_computes_nothing_and_lists_what_is_missing(
+    tiny_run: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    _out, cache, res = tiny_run
+    dropped = next((cache / "records").glob("mnist-badnet-t0-s0-cleanclip-*.json"))
+    saved = dropped.read_bytes()
+    dropped.unlink()
+    try:
+        before = sorted(p.name for p in (cache / "records").iterdir())
+        args = ["run", "--zoo", str(TINY), "--out", str(tmp_path / "o"), "--cache", str(cache), "--from-cache"]
+        assert bench_main(args) == 0
+        assert sorted(p.name for p in (cache / "records").iterdir()) == before  # nothing was computed
+        partial = json.loads((tmp_path / "o" / "results.json").read_text())
+        assert partial["missing"] == ["mnist-badnet-t0-s0 x cleanclip"]
+        assert len(partial["records"]) == len(res["records"]) - 1
+        assert "## Not run" in (tmp_path / "o" / "RESULTS.md").read_text()
+    finally:
+        dropped.write_bytes(saved)
+    with pytest.raises(FileNotFoundError, match="no cached foundation"):
+        bench_main(
+            ["run", "--zoo", str(TINY), "--out", str(tmp_path / "e"), "--cache", str(tmp_path / "c"), "--from-cache"]
+        )
