@@ -524,10 +524,12 @@ def _sanitize_subprocess(
     )
 
 
+# A quick removal that always writes a bundle: one fine-tuning epoch, four alpha points, a floor
+# and ceiling the victim (ASR ~98%) meets at some alpha.
 FAST_SANITIZE = (
-    "sanitize:\n  forget_size: 64\n  finetune:\n    epochs: 1\n"
-    "  alpha:\n    min: 0.0\n    max: 1.0\n    coarse_step: 1.0\n    fine_step: 1.0\n"
-    "accept:\n  ca_floor: 0.01\n  asr_ceiling: 1.0\n"
+    "sanitize:\n  forget_size: 128\n  finetune:\n    epochs: 1\n"
+    "  alpha:\n    min: 0.0\n    max: 6.0\n    coarse_step: 2.0\n    fine_step: 2.0\n"
+    "accept:\n  ca_floor: 0.01\n  asr_ceiling: 0.9\n"
 )
 
 
@@ -559,7 +561,7 @@ def _limit_file_size() -> None:
 def test_disk_full_while_writing_outputs_exit_2_no_partial_bundle(
     victim_dir: Path, test_npz: Path, tmp_path: Path, how: str, request: pytest.FixtureRequest
 ) -> None:
-    """The sanitized weights (~1 MB) do not fit: exit 2 and no output, partial or not."""
+    """The sanitized weights (~13 MB) do not fit: exit 2 and no output, partial or not."""
     policy = tmp_path / "fast.yaml"
     policy.write_text(FAST_SANITIZE, encoding="utf-8")
     if how == "tmpfs-full":
@@ -573,6 +575,7 @@ def test_disk_full_while_writing_outputs_exit_2_no_partial_bundle(
         leftovers = list(where.iterdir())
     assert (victim_dir / WEIGHTS_FILE).stat().st_size > 1024 * 1024  # it really cannot fit
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "writing the outputs failed" in proc.stderr, proc.stderr
     assert "No space left" in proc.stderr or "File too large" in proc.stderr, proc.stderr
     assert leftovers == [], leftovers
 
@@ -624,4 +627,5 @@ def test_out_of_memory_while_writing_outputs_exit_2_no_partial_bundle(
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr[-3000:])
+    assert "error" in proc.stderr, proc.stderr
     assert list(where.iterdir()) == []
