@@ -38,10 +38,10 @@ from tbar_guard.clip import classifier_for
 from tbar_guard.data import ImageSet
 from tbar_guard.evaluate import evaluate
 from tbar_guard.exit_codes import ExitCode
-from tbar_guard.gate import NOT_CLEAN_CLAIM, scan
+from tbar_guard.gate import NOT_CLEAN_CLAIM
 from tbar_guard.pipeline import RunResult
 from tbar_guard.policy import policy_from_dict
-from tbar_guard.zoo import DEMO_PREPROCESS, DEMO_TASK, finetune_victim, tiny_config
+from tbar_guard.zoo import DEMO_PREPROCESS, DEMO_TASK, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -219,50 +219,34 @@ def test_internal_error_messages_and_tracebacks_are_scrubbed(
     assert token not in res.output and password not in res.output, res.output
 
 
-# BYPASS 6: a large-area (blended) trigger evades the small-mask detector and the report said just "clean" -> the verdict stays exit 0 "clean" (CI contract) but the report says "no small-mask trigger found; this does not establish that the model is clean" and lists what was not established (gate.claims; the detection itself is a known limitation)
-def test_blended_backdoor_missed_by_the_detector_is_not_called_proven_clean(
+# BYPASS 6: a backdoor the detector misses (here: BadNet under detect.method decree, a documented miss on CLIPs fine-tuned through a head) got a bare "clean" -> exit 0 stays (CI contract) but report.json, report.md and stdout say "no small-mask trigger found; this does not establish that the model is clean" and list what was not established (gate.claims; the miss itself is a known limit)
+def test_missed_backdoor_is_not_called_proven_clean(
     foundation: ClipBundle,
-    train_images: ImageSet,
+    badnet_victim: ClipBundle,
+    victim_dir: Path,
     test_images: ImageSet,
     test_npz: Path,
     tmp_path: Path,
 ) -> None:
-    trigger = build_trigger(parse_trigger("blended:alpha=0.2,seed=0"), 28)
-    victim = finetune_victim(foundation, train_images.subset(torch.arange(5000, 10000)), trigger, target=0, epochs=3)
-    backdoor = evaluate(classifier_for(victim), test_images, trigger, 0)
-    assert backdoor.attack_success_rate is not None and backdoor.attack_success_rate > 0.8  # it is a backdoor
-    save_model(tmp_path / "victim", victim)
+    trigger = build_trigger(parse_trigger("badnet"), 28)
+    backdoor = evaluate(classifier_for(badnet_victim), test_images, trigger, 0)
+    assert backdoor.attack_success_rate is not None and backdoor.attack_success_rate > 0.9  # it is a backdoor
     save_model(tmp_path / "base", foundation)
-    policy = policy_from_dict({"detect": {"reference_models": [str(tmp_path / "base")]}})
-    result = scan(tmp_path / "victim", test_npz, policy, tmp_path / "scan")
-    assert result.verdict == "clean" and int(result.exit_code) == 0  # the evasion: the detector misses it
-    report = json.loads((tmp_path / "scan" / "report.json").read_text())
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"detect:\n  method: decree\n  reference_models: ['{tmp_path / 'base'}']\n", encoding="utf-8")
+    out = tmp_path / "scan"
+    res = runner.invoke(
+        app,
+        ["scan", "--model", str(victim_dir), "--data", str(test_npz), "--out", str(out), "--policy", str(policy)],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output  # the evasion: the detector misses it
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "clean"
     assert report["claim"] == NOT_CLEAN_CLAIM
     assert NOT_CLEAN_CLAIM in report["reason"]
     assert any("that the model is clean" in item for item in report["not_established"])
-    assert any("blended" in item for item in report["not_established"])
-    markdown = (tmp_path / "scan" / "report.md").read_text()
+    assert any("warping" in item and "blended" in item for item in report["not_established"])
+    markdown = (out / "report.md").read_text()
     assert NOT_CLEAN_CLAIM in markdown and "What it did not establish" in markdown
-    res = runner.invoke(
-        app,
-        [
-            "scan",
-            "--model",
-            str(tmp_path / "victim"),
-            "--data",
-            str(test_npz),
-            "--out",
-            str(tmp_path / "cli"),
-            "--policy",
-            str(_policy_file(tmp_path, tmp_path / "base")),
-        ],
-        catch_exceptions=False,
-    )
-    assert res.exit_code == 0, res.output
     assert NOT_CLEAN_CLAIM in res.stdout
-
-
-def _policy_file(tmp_path: Path, base: Path) -> Path:
-    path = tmp_path / "policy.yaml"
-    path.write_text(f"detect:\n  reference_models: ['{base}']\n", encoding="utf-8")
-    return path
