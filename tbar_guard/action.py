@@ -46,7 +46,7 @@ EXIT_VERDICT = {
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 BUNDLE_WEIGHTS = "open_clip_model.safetensors"
 TITLES = {
-    "clean": "no backdoor found",
+    "clean": "no small-mask trigger found (not proof of clean)",
     "removed": "backdoor found and removed",
     "unremoved": "backdoor found, not removable under the policy",
     "error": "gate error",

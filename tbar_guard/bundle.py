@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tbar_guard.errors import ModelFormatError, UsageError
+from tbar_guard.errors import ModelFormatError, OutputError, UsageError
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -339,7 +339,8 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``out`` only if the block succeeds.
 
     On any exception (including KeyboardInterrupt) the temporary directory is removed, so a
-    half-written output never appears under ``out``.
+    half-written output never appears under ``out``; a failed write (disk full, file too large,
+    out of memory) becomes an :class:`OutputError`.
     """
     out = require_new_output(Path(out))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -347,8 +348,13 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError | SafetensorError | MemoryError):  # ENOSPC, EFBIG, ENOMEM ...
+            raise OutputError(
+                f"writing the outputs failed: {exc}",
+                hint=f"nothing was left at {out}; free disk space or memory and run again",
+            ) from None
         raise
 
 

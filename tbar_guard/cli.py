@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import click
@@ -62,35 +66,69 @@ def _progress() -> Iterator[StageProgress]:
         yield update
 
 
+def _redact(text: str) -> str:
+    """No credential reaches the terminal: URL userinfo and MLflow's secret variables are masked."""
+    from tbar_guard.registry import redact_text
+
+    return redact_text(text)
+
+
 def _fail(exc: TbarGuardError) -> typer.Exit:
-    message = str(exc.message)
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    message = _redact(str(exc.message))
+    err_console.print("[bold red]error:[/] ", markup=True, highlight=False, end="")
+    err_console.print(message, markup=False, highlight=False)
     problems = getattr(exc, "problems", ())
     for problem in problems:
-        err_console.print(f"  - {problem}", markup=False, highlight=False)
+        err_console.print(f"  - {_redact(problem)}", markup=False, highlight=False)
     if exc.hint:
-        err_console.print(f"hint: {exc.hint}", markup=False, highlight=False)
+        err_console.print(f"hint: {_redact(exc.hint)}", markup=False, highlight=False)
     return typer.Exit(int(exc.exit_code))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered as an interrupt so that every cleanup path (atomic outputs, temporary
+    directories, registry rollback) runs exactly as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`Terminated` (Python's default is to die
+    without running any ``finally``: temporary files would stay and a registration would not be
+    rolled back)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _guard(run: Callable[[], ExitCode]) -> None:
     """Run a command body; map errors to exit codes (fail closed: never exit 0 on an exception)."""
     try:
-        code = run()
+        with _sigterm_as_interrupt():
+            code = run()
     except TbarGuardError as exc:
         raise _fail(exc) from None
-    except KeyboardInterrupt:
-        err_console.print("interrupted: nothing was written or registered", highlight=False)
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted (SIGINT)"
+        err_console.print(
+            f"{what}: temporary files were removed; no model was registered and no alias was moved",
+            highlight=False,
+        )
         raise typer.Exit(int(ExitCode.ERROR)) from None
     except Exception as exc:  # an unexpected crash is an error verdict, never "clean"
-        if os.environ.get("TBAR_GUARD_DEBUG"):
-            raise
-        err_console.print(
-            f"internal error: {type(exc).__name__}: {exc} (set TBAR_GUARD_DEBUG=1 for the traceback)",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
-        )
+        if os.environ.get("TBAR_GUARD_DEBUG"):  # the traceback, scrubbed like every other message
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+        else:
+            text = f"internal error: {type(exc).__name__}: {exc} (set TBAR_GUARD_DEBUG=1 for the traceback)"
+        err_console.print(_redact(text), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(int(ExitCode.ERROR)) from None
     raise typer.Exit(int(code))
 

@@ -31,6 +31,10 @@ class RegistryError(TbarGuardError):
     """MLflow could not be reached, or a model URI does not resolve."""
 
 
+class OutputError(TbarGuardError):
+    """Writing the outputs failed (disk full, file too large, out of memory); nothing was left."""
+
+
 class RemovalError(TbarGuardError):
     """Detection or removal failed numerically (non-finite loss, diverged weights)."""
 

@@ -6,7 +6,7 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    CLEAN = 0  # no backdoor found (scan), or the known trigger does not work on this model
+    CLEAN = 0  # no small-mask trigger found (scan/gate; not proof of clean), or the known trigger does not work
     BACKDOOR_REMOVED = 1  # a backdoor was found and removed under the policy
     ERROR = 2  # something failed (bad model file, unreadable data, crash); nothing was registered
     UNREMOVED = 3  # a backdoor was found but no alpha satisfies the policy; nothing passed

@@ -260,6 +260,41 @@ def write_pictures(
     return {"mask": "mask.png", "pattern": "pattern.png", "trigger": "trigger.png", "examples": "examples.png"}
 
 
+NOT_CLEAN_CLAIM = "no small-mask trigger found; this does not establish that the model is clean"
+
+
+def claims(scan: Scan, verdict: str, names: tuple[str, ...]) -> dict[str, Any]:
+    """What a scan/gate run did and did not establish, for the report (``claim``, ``established``,
+    ``not_established``). The detector searches small-mask (patch) triggers only; a verdict of
+    "clean" means none was found, never that the model is proven clean."""
+    tgt = scan.target
+    established: list[str] = []
+    not_established: list[str] = []
+    if not scan.flagged:
+        established.append(
+            f"{scan.method} trigger inversion found no anomalously small mask trigger for any class ({scan.explanation})"
+        )
+        not_established.append(
+            "that the model is clean: large-area, blended, warping (WaNet), frequency (SIG) and input-specific "
+            "triggers are not searched for and may be present"
+        )
+        claim = NOT_CLEAN_CLAIM
+    else:
+        established.append(
+            f"a small-mask trigger (area {scan.pl1:.3f} of the image) sends {100 * tgt.proxy_asr:.0f}% of stamped "
+            f"held-out images to class {tgt.target} ({names[tgt.target]})"
+        )
+        not_established.append("that the inverted trigger is the attacker's trigger (it is a functional stand-in)")
+        not_established.append("that no other trigger or target class is present")
+        claim = {
+            "removed": "a small-mask backdoor was found and the inverted trigger was removed under the policy",
+            "unremoved": "a small-mask backdoor was found and could not be removed under the policy",
+        }.get(verdict, "a small-mask backdoor was found")
+    if scan.rule_note:
+        not_established.append(f"calibration against a clean reference model: {scan.rule_note}")
+    return {"claim": claim, "established": established, "not_established": not_established}
+
+
 def scan(
     model: Path,
     data: Path | None,
@@ -280,10 +315,11 @@ def scan(
     if result.flagged and not result.target.actionable:
         reason += f"; the inverted trigger is not actionable: {result.target.reason}"
     if not result.flagged:
-        reason += "; no small-mask trigger was found (this does not rule out large-area or warping triggers)"
+        reason += f"; {NOT_CLEAN_CLAIM} (large-area or warping triggers are not ruled out)"
     report = base_report("scan", verdict, int(code), reason)
     report.update(
         {
+            **claims(result, verdict, p.bundle.task.classnames),
             "model": {"source": str(model), "sha256": p.bundle.weights_sha256},
             "detection": scan_json(result, p.bundle.task.classnames),
             "data": {"source": str(data), "n_images": len(p.images)},
@@ -327,9 +363,7 @@ def gate(
     removal = None
     if not result.flagged:
         verdict = "clean"
-        reason = result.explanation + (
-            "; no small-mask trigger was found (this does not rule out large-area or warping triggers)"
-        )
+        reason = f"{result.explanation}; {NOT_CLEAN_CLAIM} (large-area or warping triggers are not ruled out)"
     elif not result.target.actionable:
         verdict = "unremoved"
         reason = f"{result.explanation}; but the inverted trigger is not actionable: {result.target.reason}"
@@ -342,6 +376,7 @@ def gate(
     report = base_report("gate", verdict, int(code), reason)
     report.update(
         {
+            **claims(result, verdict, names),
             "model": {"source": source or str(model), "sha256": p.bundle.weights_sha256},
             "output": None,
             "detection": scan_json(result, names),

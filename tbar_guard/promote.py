@@ -206,6 +206,33 @@ def _apply_to_registry(
             experiment=policy.registry.experiment,
             artifact_location=artifact_location,
         )
+        # Two gates of the same source version at once both find no sanitized version when they
+        # start, and both register one. The oldest version wins: a gate that finds an older one
+        # with the same source key and policy deletes its own and reports the older one as reused
+        # (the gate that made the older one moves the alias).
+        try:
+            rivals = registry.sanitized_versions(
+                target_name, tags[f"{TAG}source_key"], policy.sha256(), tracking_uri=tracking_uri, ready_only=False
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                registry.delete_version(registered.name, registered.version, tracking_uri=tracking_uri)
+            raise
+        older = [v for v in rivals if int(v.version) < int(registered.version)]
+        if older:
+            registry.delete_version(registered.name, registered.version, tracking_uri=tracking_uri)
+            winner = older[0]
+            report["registered"] = {
+                "name": winner.name,
+                "version": winner.version,
+                "uri": winner.uri,
+                "reused": True,
+                "note": f"a concurrent gate registered {winner.uri} first; version {registered.version} was deleted",
+            }
+            if alias:
+                report["alias_moved"] = None
+                report["alias_note"] = f"alias {alias!r} is moved by the gate that registered {winner.uri}"
+            return
         try:
             registry.set_version_tags(
                 str(source.name),

@@ -165,6 +165,13 @@ def _scrub(text: str, tracking_uri: str | None) -> str:
     return text
 
 
+def redact_text(text: str, tracking_uri: str | None = None) -> str:
+    """``text`` without URL userinfo, the password of ``tracking_uri`` (or of
+    ``MLFLOW_TRACKING_URI``) and the values of MLflow's credential variables. Used by the CLI on
+    everything it prints about an error, tracebacks included."""
+    return _scrub(text, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+
+
 def _error_code(exc: BaseException) -> str:
     code = getattr(exc, "error_code", None)
     return code if isinstance(code, str) else ""
@@ -556,6 +563,18 @@ def _verify_version(client: MlflowClient, name: str, version: str, tags: Mapping
         )
 
 
+def _run_versions(client: MlflowClient, name: str, run_id: str) -> list[str]:
+    """Versions of ``name`` whose run is ``run_id`` (any status)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return [str(v.version) for v in _iter_versions(client, name) if v.run_id == run_id]
+    except MlflowException as exc:
+        if _error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise
+
+
 def _register(
     bundle_dir: Path,
     artifacts_dir: Path | None,
@@ -629,15 +648,30 @@ def _register(
                 await_creation_for=0,  # we poll in _verify_version (MLflow's wait logs at INFO)
             )
             version = str(mv.version)
+            # MLflow's HTTP client retries POSTs too: when a create_model_version request reached
+            # the server but its answer was lost (a 5xx from a proxy, a timeout), the retry makes a
+            # second version of the same run. Keep only the one we were answered with.
+            for extra in _run_versions(client, name, run_id):
+                if extra != version:
+                    client.delete_model_version(name, extra)
             _verify_version(client, name, version, version_tags)
             client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
         leftover = ""
-        if version is not None:
+        try:  # every version of this run, also one whose creation answer never arrived
+            doomed = sorted(set(_run_versions(client, name, run_id)) | ({version} if version else set()), key=int)
+        except Exception:
+            doomed = [version] if version is not None else []
+        undeleted = []
+        for v in doomed:
             try:
-                client.delete_model_version(name, version)
+                client.delete_model_version(name, v)
             except Exception:
-                leftover = f"; version {version} of {name!r} could not be deleted: delete it by hand"
+                undeleted.append(v)
+        if undeleted:
+            leftover = f"; version(s) {', '.join(undeleted)} of {name!r} could not be deleted: delete them by hand"
+        if version is None and doomed and not undeleted:
+            version = doomed[0]
         with suppress(Exception):
             client.set_terminated(run_id, "FAILED")
         if not isinstance(exc, Exception):
@@ -692,12 +726,16 @@ def register_sanitized(
 # lookups, tags, aliases
 
 
-def find_sanitized(
-    target_name: str, source_uri_key: str, policy_sha256: str, tracking_uri: str | None = None
-) -> RegisteredVersion | None:
-    """The newest READY version of ``target_name`` tagged with this source key and policy hash
-    (for idempotent re-runs), or None. Tags are matched in Python: MLflow's tag filters differ
-    between backends."""
+def sanitized_versions(
+    target_name: str,
+    source_uri_key: str,
+    policy_sha256: str,
+    tracking_uri: str | None = None,
+    ready_only: bool = True,
+) -> list[RegisteredVersion]:
+    """Versions of ``target_name`` tagged with this source key and policy hash, oldest first
+    (READY ones only, unless ``ready_only`` is false: then every version not FAILED_REGISTRATION).
+    Tags are matched in Python: MLflow's tag filters differ between backends."""
     validate_model_name(target_name)
     tracking = _resolve_tracking_uri(tracking_uri)
     client = _client(tracking)
@@ -705,19 +743,25 @@ def find_sanitized(
         matches = [
             v
             for v in _iter_versions(client, target_name)
-            if v.status == "READY"
+            if (v.status == "READY" if ready_only else v.status != "FAILED_REGISTRATION")
             and (v.tags or {}).get(SOURCE_KEY_TAG) == source_uri_key
             and (v.tags or {}).get(POLICY_SHA256_TAG) == policy_sha256
         ]
-    if not matches:
-        return None
-    best = max(matches, key=lambda v: int(v.version))
-    return RegisteredVersion(
-        name=best.name,
-        version=str(best.version),
-        run_id=str(best.run_id or ""),
-        uri=f"models:/{best.name}/{best.version}",
-    )
+    return [
+        RegisteredVersion(
+            name=v.name, version=str(v.version), run_id=str(v.run_id or ""), uri=f"models:/{v.name}/{v.version}"
+        )
+        for v in sorted(matches, key=lambda v: int(v.version))
+    ]
+
+
+def find_sanitized(
+    target_name: str, source_uri_key: str, policy_sha256: str, tracking_uri: str | None = None
+) -> RegisteredVersion | None:
+    """The newest READY version of ``target_name`` tagged with this source key and policy hash
+    (for idempotent re-runs), or None."""
+    matches = sanitized_versions(target_name, source_uri_key, policy_sha256, tracking_uri)
+    return matches[-1] if matches else None
 
 
 def set_version_tags(name: str, version: str, tags: Mapping[str, str], tracking_uri: str | None = None) -> None:

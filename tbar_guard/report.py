@@ -88,6 +88,12 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         str(report["reason"]),
         "",
     ]
+    if report.get("claim"):
+        lines += [f"**In short:** {report['claim']}.", ""]
+    for key, title in (("established", "What this run established"), ("not_established", "What it did not establish")):
+        items = report.get(key) or []
+        if items:
+            lines += [f"## {title}", "", *(f"- {item}" for item in items), ""]
     model = report.get("model", {})
     if model:
         lines += [f"- model: `{model.get('source')}` (sha256 `{model.get('sha256')}`)"]

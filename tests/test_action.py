@@ -356,7 +356,7 @@ def test_report_step_clean(tmp_path: Path) -> None:
     assert ran.outputs["verdict"] == "clean"
     assert ran.outputs["alpha"] == ran.outputs["ca-before"] == ran.outputs["asr-after"] == ""
     assert ran.outputs["sanitized-model-uri"] == ""
-    assert "no backdoor found" in ran.summary and "Before / after" not in ran.summary
+    assert "no small-mask trigger found (not proof of clean)" in ran.summary and "Before / after" not in ran.summary
     assert "| flagged | no |" in ran.summary
     assert ran.stdout.startswith("::notice ")
     log = json.loads((tmp_path / "tbar-guard.sarif").read_text())

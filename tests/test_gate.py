@@ -62,7 +62,11 @@ def test_clean_twin_not_flagged_with_reference(twin_scan, victim_scan) -> None: 
     twin, _ = twin_scan
     victim, _ = victim_scan
     assert twin.verdict == "clean" and int(twin.exit_code) == 0, twin.report["reason"]
-    assert "does not rule out" in twin.report["reason"]
+    # "clean" is never claimed as proven: the report says what was and was not established
+    assert "this does not establish that the model is clean" in twin.report["reason"]
+    assert twin.report["claim"] == "no small-mask trigger found; this does not establish that the model is clean"
+    assert any("that the model is clean" in item for item in twin.report["not_established"])
+    assert victim.report["established"] and victim.report["not_established"]
     assert victim.report["detection"]["z_score"] < twin.report["detection"]["z_score"]
     assert victim.report["detection"]["pl1"] < 0.7 * twin.report["detection"]["pl1"]
 
