@@ -24,11 +24,11 @@ def clf(badnet_victim: ClipBundle) -> ZeroShotClassifier:
 
 @pytest.fixture(scope="module")
 def repair(test_images: ImageSet) -> ImageSet:
-    return test_images.subset(torch.arange(1000, 1200))  # disjoint from test_split
+    return test_images.subset(torch.arange(1000, 1200))  # disjoint from heldout_split
 
 
 @pytest.fixture(scope="module")
-def test_split(test_images: ImageSet) -> ImageSet:
+def heldout_split(test_images: ImageSet) -> ImageSet:
     return test_images.subset(torch.arange(0, 300))
 
 
@@ -39,13 +39,13 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_measures_after_a_clean_finetune_and_restores_the_tower(
     clf: ZeroShotClassifier,
     repair: ImageSet,
-    test_split: ImageSet,
+    heldout_split: ImageSet,
     badnet_trigger: Trigger,
     clean_twin: ClipBundle,
 ) -> None:
     entry = visual_state(clf)
-    before = evaluate(clf, test_split, badnet_trigger, 0)
-    r = measure_reemergence(clf, entry, repair, test_split, badnet_trigger, 0, TINY)
+    before = evaluate(clf, heldout_split, badnet_trigger, 0)
+    r = measure_reemergence(clf, entry, repair, heldout_split, badnet_trigger, 0, TINY)
     assert isinstance(r, Reemergence)
     assert _same(visual_state(clf), entry), "clf.visual is back to its entry state"
     assert (r.images, r.epochs, r.lr) == (64, 1, 1e-4) and r.seconds > 0
@@ -53,7 +53,9 @@ def test_measures_after_a_clean_finetune_and_restores_the_tower(
     # the victim's backdoor survives one small clean epoch; the fine-tune moved the weights (not a no-op)
     assert r.attack_success_rate > 0.5
     # the fine-tune is real and follows the config: a destructive learning rate changes the model
-    wrecked = measure_reemergence(clf, entry, repair, test_split, badnet_trigger, 0, ReemergenceConfig(64, 0.05, 1, 32))
+    wrecked = measure_reemergence(
+        clf, entry, repair, heldout_split, badnet_trigger, 0, ReemergenceConfig(64, 0.05, 1, 32)
+    )
     assert wrecked.lr == 0.05 and wrecked.clean_accuracy < before.clean_accuracy - 0.1
     assert _same(visual_state(clf), entry)
     assert r.to_json() == {
@@ -65,46 +67,48 @@ def test_measures_after_a_clean_finetune_and_restores_the_tower(
         "seconds": r.seconds,
     }
     # deterministic under the seed (timing aside), and under several triggers one fine-tune serves all
-    again = measure_reemergence_under(clf, entry, repair, test_split, [(badnet_trigger, 0), (badnet_trigger, 1)], TINY)
+    again = measure_reemergence_under(
+        clf, entry, repair, heldout_split, [(badnet_trigger, 0), (badnet_trigger, 1)], TINY
+    )
     assert (again[0].clean_accuracy, again[0].attack_success_rate) == (r.clean_accuracy, r.attack_success_rate)
     assert again[1].clean_accuracy == r.clean_accuracy and again[1].attack_success_rate < 0.5
     assert _same(visual_state(clf), entry)
     # the measurement is about ``visual``, not about the tower clf holds: the clean twin's stays clean
     twin = measure_reemergence(
-        clf, visual_state(classifier_for(clean_twin)), repair, test_split, badnet_trigger, 0, TINY
+        clf, visual_state(classifier_for(clean_twin)), repair, heldout_split, badnet_trigger, 0, TINY
     )
     assert twin.attack_success_rate < 0.2 < r.attack_success_rate
     assert _same(visual_state(clf), entry)
 
 
 def test_uses_at_most_the_repair_images_given(
-    clf: ZeroShotClassifier, repair: ImageSet, test_split: ImageSet, badnet_trigger: Trigger
+    clf: ZeroShotClassifier, repair: ImageSet, heldout_split: ImageSet, badnet_trigger: Trigger
 ) -> None:
     few = repair.subset(torch.arange(0, 10))
-    r = measure_reemergence(clf, visual_state(clf), few, test_split, badnet_trigger, 0, TINY)
+    r = measure_reemergence(clf, visual_state(clf), few, heldout_split, badnet_trigger, 0, TINY)
     assert r.images == 10
 
 
 def test_empty_repair_set_is_a_data_error(
-    clf: ZeroShotClassifier, repair: ImageSet, test_split: ImageSet, badnet_trigger: Trigger
+    clf: ZeroShotClassifier, repair: ImageSet, heldout_split: ImageSet, badnet_trigger: Trigger
 ) -> None:
     empty = repair.subset(torch.arange(0))
     with pytest.raises(DataError, match="repair images") as info:
-        measure_reemergence(clf, visual_state(clf), empty, test_split, badnet_trigger, 0, TINY)
+        measure_reemergence(clf, visual_state(clf), empty, heldout_split, badnet_trigger, 0, TINY)
     assert "reemergence.enabled" in info.value.hint
 
 
 def test_tower_restored_when_the_measurement_fails(
-    clf: ZeroShotClassifier, repair: ImageSet, test_split: ImageSet, badnet_trigger: Trigger
+    clf: ZeroShotClassifier, repair: ImageSet, heldout_split: ImageSet, badnet_trigger: Trigger
 ) -> None:
     entry = visual_state(clf)
-    only_target = test_split.subset(test_split.labels == 0)  # no non-target image: ASR undefined
+    only_target = heldout_split.subset(heldout_split.labels == 0)  # no non-target image: ASR undefined
     with pytest.raises(DataError, match="no image outside the target class"):
         measure_reemergence(clf, entry, repair, only_target, badnet_trigger, 0, TINY)
     assert _same(visual_state(clf), entry)
     broken = {k: v[..., :1] if v.ndim > 1 else v for k, v in entry.items()}  # wrong shapes: load fails
     with pytest.raises(RuntimeError):
-        measure_reemergence(clf, broken, repair, test_split, badnet_trigger, 0, TINY)
+        measure_reemergence(clf, broken, repair, heldout_split, badnet_trigger, 0, TINY)
     assert _same(visual_state(clf), entry)
 
 
