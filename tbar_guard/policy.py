@@ -47,6 +47,7 @@ class AlphaPolicy(_Section):
     coarse_step: float = Field(0.5, gt=0)
     fine_step: float = Field(0.1, gt=0)
     select: Literal["lowest-asr", "best-ca"] = "lowest-asr"
+    asr_tolerance: float = Field(0.01, ge=0, le=1)
 
     @model_validator(mode="after")
     def _range_not_empty(self) -> AlphaPolicy:
@@ -60,6 +61,10 @@ class AlphaPolicy(_Section):
 class AnchoredPolicy(_Section):
     temperature: float = Field(10.0, gt=0)
     anchor_weight: float = Field(3.0, gt=0)
+
+
+class UnlearnPolicy(_Section):
+    anchor_weight: float = Field(3.0, ge=0)
 
 
 class ReemergencePolicy(_Section):
@@ -89,10 +94,11 @@ class DisentanglementPolicy(_Section):
 
 
 class SanitizePolicy(_Section):
-    method: Literal["anchored", "tbar"] = "anchored"
+    method: Literal["unlearn", "anchored", "tbar"] = "unlearn"
     forget_size: int = Field(1000, ge=1)
     finetune: FinetunePolicy = FinetunePolicy()
     anchored: AnchoredPolicy = AnchoredPolicy()
+    unlearn: UnlearnPolicy = UnlearnPolicy()
     alpha: AlphaPolicy = AlphaPolicy()
     reemergence: ReemergencePolicy = ReemergencePolicy()
     disentanglement: DisentanglementPolicy = DisentanglementPolicy()
@@ -192,11 +198,15 @@ data:                # the clean images and how they are split (disjoint, seeded
   test_fraction: 0.3     # split that reports before/after; never used to choose alpha
 
 sanitize:
-  # Both methods negate a trigger vector: theta = theta_b - alpha * (theta_{b+t} - theta_b).
-  #   tbar:     theta_{b+t} = fine-tune on the forget set (stamped images -> target), as in the paper.
+  # Every method negates a trigger vector tau: theta = theta_b - alpha * tau.
+  #   tbar:     tau = theta_{b+t} - theta_b, theta_{b+t} = fine-tune on the forget set (stamped images
+  #             -> target), as in the paper.
   #   anchored: same, plus a KL term that holds the model's predictions on the clean twins of the
   #             forget images in place, and softened logits; keeps clean accuracy far better.
-  method: anchored       # anchored | tbar
+  #   unlearn:  tau = theta_b - theta_u, theta_u = fine-tune on the stamped images with their TRUE
+  #             labels (plus the KL term on the clean twins): the vector that points from a model that
+  #             ignores the trigger back to the backdoored one; alpha = 1 is theta_u itself.
+  method: unlearn        # unlearn | anchored | tbar
   forget_size: 1000      # triggered images (labelled with the target) used to learn the trigger vector
   finetune:              # image tower only, cross-entropy through the frozen zero-shot head
     lr: 0.0001
@@ -205,9 +215,11 @@ sanitize:
     weight_decay: 0.0
     warmup_fraction: 0.1   # linear warmup, then cosine decay
     grad_clip: 1.0
-  anchored:              # options of method "anchored" (ignored by "tbar")
+  anchored:              # options of method "anchored" (ignored by the others)
     temperature: 10.0    # logits / temperature in the forget cross-entropy
     anchor_weight: 3.0   # weight of KL(original predictions || current) on the clean twins
+  unlearn:               # options of method "unlearn" (ignored by the others)
+    anchor_weight: 3.0   # weight of KL(original predictions || current) on the clean twins (0 = off)
   alpha:                 # coarse-to-fine search; the backdoor may need alpha > 1
     min: 0.0
     max: 6.0
@@ -215,6 +227,8 @@ sanitize:
     fine_step: 0.1
     select: lowest-asr   # lowest-asr: lowest ASR within the CA floor (ties: smaller alpha);
                          # best-ca: highest CA among alphas within the floor AND under the ASR ceiling
+    asr_tolerance: 0.01  # lowest-asr only: take the highest-CA alpha whose ASR is within this of the
+                         # lowest (never above the ceiling when the lowest is under it); 0 = strict
   reemergence:           # after a removal: fine-tune the sanitized model on clean images, measure ASR again
     enabled: true          # repair images: forget-split images the forget set did not use (test split never)
     images: 1000           # clean images (true labels), cross-entropy through the frozen zero-shot head

@@ -1,14 +1,18 @@
 """TBAR: learn the trigger vector on a small forget set, negate it, choose α against the policy.
 
 1. Forget set: N clean images (label ≠ target) from the forget split, stamped with the trigger and
-   labelled with the target.
-2. Fine-tune the image tower through the frozen zero-shot head → θ_{b+t}; τ = θ_{b+t} − θ_b.
-   Method ``tbar`` is the paper's recipe. Method ``anchored`` (the default) adds a KL term that
-   holds the model's predictions on the clean twins of the forget images at their pre-tuning
-   values and softens the forget cross-entropy with a temperature, so τ carries what is specific to
-   the trigger rather than generic drift (see README "Removal methods" for the measurements).
+   labelled with the target; their clean twins (the same images unstamped) and true labels ride along.
+2. The trigger vector τ, by the policy's removal method (a closed set; see ``learn_trigger_vector``):
+   ``tbar`` (the paper's recipe, the faithful reference): fine-tune the image tower through the
+   frozen zero-shot head on stamped → target, τ = θ_{b+t} − θ_b. ``anchored``: the same with a KL
+   term holding the model's predictions on the clean twins and softened logits. ``unlearn`` (the
+   default): fine-tune on stamped → *true* label, holding the twins likewise, giving θ_u, and
+   τ = θ_b − θ_u — the direction from a model that ignores the trigger back to the backdoored one
+   (Neural Cleanse's unlearning step, recast as a task vector so that α is chosen as in TBAR).
+   See README "Removal methods" for the measurements behind the default.
 3. θ(α) = θ_b − α·τ. α is chosen on the validation split, never on the test split: among α with
-   CA(α) ≥ ca_floor · CA(θ_b), the lowest ASR, ties to the smaller α.
+   CA(α) ≥ ca_floor · CA(θ_b), the lowest ASR, ties to the smaller α; with ``alpha.asr_tolerance``
+   (default 0.01), the highest-CA α among those within the tolerance of that lowest ASR.
 4. The test split reports before/after. The verdict is "removed" only if the chosen α meets the
    policy on the validation split *and* the test-split ASR is under the ceiling (the security claim
    is confirmed on unseen data; test CA is reported, the CA floor is judged where α is chosen).
@@ -21,7 +25,8 @@
 α search (coarse-to-fine): evaluate the coarse grid ``min, min+coarse_step, …, max`` in order,
 stopping early once ASR reaches 0 at a feasible α (nothing can beat it and ties go to the smaller
 α) or two consecutive coarse points break the CA floor (CA falls as α grows); then evaluate the
-fine grid strictly between the best coarse α and the next coarse point. With the default policy
+fine grid strictly between the best coarse α and the next coarse point (between the previous coarse
+point and the best when a smaller α may win on CA: ``asr_tolerance`` > 0 or ``best-ca``). With the default policy
 that is at most 13 + 4 = 17 evaluations instead of 61 for a 0.1-step grid over [0, 6].
 """
 
@@ -136,10 +141,15 @@ def _grid(start: float, stop: float, step: float) -> list[float]:
     return [round(start + i * step, 6) for i in range(count + 1) if start + i * step <= stop + 1e-9]
 
 
-def choose_best(points: list[SweepPoint], select: str = "lowest-asr", asr_ceiling: float = 0.0) -> SweepPoint | None:
+def choose_best(
+    points: list[SweepPoint], select: str = "lowest-asr", asr_ceiling: float = 0.0, asr_tolerance: float = 0.0
+) -> SweepPoint | None:
     """The policy's choice among the evaluated points.
 
-    ``lowest-asr``: among α meeting the CA floor, the lowest ASR, ties to the smaller α.
+    ``lowest-asr``: among α meeting the CA floor, the lowest ASR, ties to the smaller α. With
+    ``asr_tolerance`` > 0: the highest CA among the feasible α whose ASR is within the tolerance of
+    that lowest ASR (and under the ceiling whenever the lowest is), ties to the smaller α — so α does
+    not trade clean accuracy for a fraction of a percent of ASR.
     ``best-ca``: among α meeting the CA floor *and* the ASR ceiling, the highest CA, ties to the
     smaller α; when no α meets the ceiling, as ``lowest-asr``.
     """
@@ -150,7 +160,14 @@ def choose_best(points: list[SweepPoint], select: str = "lowest-asr", asr_ceilin
         passing = [p for p in feasible if p.attack_success_rate <= asr_ceiling]
         if passing:
             return max(passing, key=lambda p: (p.clean_accuracy, -p.alpha))
-    return min(feasible, key=lambda p: (p.attack_success_rate, p.alpha))
+    lowest = min(feasible, key=lambda p: (p.attack_success_rate, p.alpha))
+    if asr_tolerance <= 0:
+        return lowest
+    limit = lowest.attack_success_rate + asr_tolerance
+    if lowest.attack_success_rate <= asr_ceiling:
+        limit = min(limit, asr_ceiling)
+    near = [p for p in feasible if p.attack_success_rate <= limit + 1e-12]
+    return max(near, key=lambda p: (p.clean_accuracy, -p.alpha))
 
 
 def search_alpha(
@@ -182,10 +199,11 @@ def search_alpha(
         infeasible_run = 0 if p.feasible else infeasible_run + 1
         if infeasible_run >= 2:
             break
-    best = choose_best(list(points.values()), alpha.select, accept.asr_ceiling)
+    tolerance = alpha.asr_tolerance if alpha.select == "lowest-asr" else 0.0
+    best = choose_best(list(points.values()), alpha.select, accept.asr_ceiling, tolerance)
     if best is not None:
         passing = best.attack_success_rate <= accept.asr_ceiling
-        if alpha.select == "best-ca" and passing:  # a smaller α may still pass with more CA
+        if (alpha.select == "best-ca" and passing) or tolerance > 0:  # a smaller α may qualify with more CA
             lower = max((a for a in coarse if a < best.alpha - 1e-9), default=None)
             window = (lower, best.alpha) if lower is not None else None
         else:  # a larger α may lower ASR further within the CA floor
@@ -199,7 +217,7 @@ def search_alpha(
                     if progress:
                         progress("alpha search", len(points), budget)
     sweep = tuple(sorted(points.values(), key=lambda p: p.alpha))
-    best = choose_best(list(sweep), alpha.select, accept.asr_ceiling)
+    best = choose_best(list(sweep), alpha.select, accept.asr_ceiling, tolerance)
     if best is None:  # α = min is infeasible only if min > 0; report the least damaging point
         best = max(sweep, key=lambda p: p.clean_accuracy)
     return AlphaChoice(best.alpha, best, sweep)
@@ -209,6 +227,7 @@ def finetune_config(policy: Policy) -> FinetuneConfig:
     """The forget-set fine-tuning recipe of the policy's removal method."""
     ft, method = policy.sanitize.finetune, policy.sanitize.method
     anchored = policy.sanitize.anchored
+    anchor_weight = {"anchored": anchored.anchor_weight, "unlearn": policy.sanitize.unlearn.anchor_weight}
     return FinetuneConfig(
         lr=ft.lr,
         epochs=ft.epochs,
@@ -218,8 +237,44 @@ def finetune_config(policy: Policy) -> FinetuneConfig:
         grad_clip=ft.grad_clip,
         seed=policy.seed,
         temperature=anchored.temperature if method == "anchored" else 1.0,
-        anchor_weight=anchored.anchor_weight if method == "anchored" else 0.0,
+        anchor_weight=anchor_weight.get(method, 0.0),
     )
+
+
+def learn_trigger_vector(
+    clf: ZeroShotClassifier,
+    stamped: torch.Tensor,
+    target_labels: torch.Tensor,
+    twins: torch.Tensor,
+    true_labels: torch.Tensor,
+    policy: Policy,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[TaskVector, int]:
+    """τ of the policy's removal method and the fine-tuning steps it took (``clf.visual`` is θ_b on
+    entry and on return).
+
+    ``tbar``/``anchored``: τ = θ_{b+t} − θ_b, θ_{b+t} fine-tuned on the stamped images → target
+    (``anchored`` also holds the victim's predictions on the clean twins). ``unlearn``: τ = θ_b − θ_u,
+    θ_u fine-tuned on the stamped images → their true labels (holding the twins likewise): the
+    direction from a model that ignores the trigger back to the backdoored one, so θ_b − 1·τ = θ_u
+    and α > 1 extrapolates past it."""
+    method = policy.sanitize.method
+    theta_b = visual_state(clf)
+    labels = true_labels if method == "unlearn" else target_labels
+    try:
+        steps = finetune_visual(
+            clf,
+            stamped,
+            labels,
+            finetune_config(policy),
+            progress=progress,
+            anchor=twins if method in ("anchored", "unlearn") else None,
+        )
+        tuned = visual_state(clf)
+    finally:
+        clf.visual.load_state_dict(theta_b)
+    tau = TaskVector.between(tuned, theta_b) if method == "unlearn" else TaskVector.between(theta_b, tuned)
+    return tau, steps
 
 
 def remove_backdoor(
@@ -264,18 +319,17 @@ def remove_backdoor(
 
     used = forget_indices(splits.forget, target, policy.sanitize.forget_size, seed)
     pixels, labels, twins = build_forget_set(splits.forget, trigger, target, policy.sanitize.forget_size, seed)
-    config = finetune_config(policy)
     t0 = time.perf_counter()
-    steps = finetune_visual(
+    tau, steps = learn_trigger_vector(
         clf,
         pixels,
         labels,
-        config,
-        progress=(lambda d, t: progress("fine-tune", d, t)) if progress else None,
-        anchor=twins if policy.sanitize.method == "anchored" else None,
+        twins,
+        splits.forget.labels[used],
+        policy,
+        (lambda d, t: progress("fine-tune", d, t)) if progress else None,
     )
     seconds_ft = time.perf_counter() - t0
-    tau = TaskVector.between(theta_b, visual_state(clf))
     base_norm = TaskVector.between({k: torch.zeros_like(v) for k, v in theta_b.items()}, theta_b).norm()
     negated = -tau
 

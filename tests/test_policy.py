@@ -39,7 +39,8 @@ def test_defaults() -> None:
     assert p.version == 1 and p.seed == 0 and p.device == "auto"
     assert (p.data.forget_fraction, p.data.val_fraction, p.data.test_fraction) == (0.4, 0.3, 0.3)
     assert p.data.path is None
-    assert p.sanitize.method == "anchored"
+    assert p.sanitize.method == "unlearn" and p.sanitize.unlearn.anchor_weight == 3.0
+    assert p.sanitize.alpha.select == "lowest-asr" and p.sanitize.alpha.asr_tolerance == 0.01
     assert p.sanitize.forget_size == 1000
     assert p.sanitize.finetune.lr == 1e-4 and p.sanitize.finetune.epochs == 5
     assert (p.sanitize.alpha.min, p.sanitize.alpha.max) == (0.0, 6.0)
@@ -289,6 +290,8 @@ def test_sha256_is_stable_across_processes() -> None:
         {"accept": {"ca_floor": 0.9}},
         {"sanitize": {"alpha": {"max": 5.0}}},
         {"sanitize": {"method": "tbar"}},
+        {"sanitize": {"unlearn": {"anchor_weight": 1.0}}},
+        {"sanitize": {"alpha": {"asr_tolerance": 0.0}}},
         {"sanitize": {"reemergence": {"epochs": 2}}},
         {"sanitize": {"disentanglement": {"enabled": False}}},
         {"accept": {"max_reemergence_asr": 0.1}},

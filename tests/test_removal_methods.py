@@ -1,0 +1,102 @@
+"""The pluggable removal methods: how each learns its trigger vector τ, and the policy that names them.
+
+``unlearn`` learns τ = θ_b − θ_u from a fine-tune of the stamped forget images at their *true*
+labels, so θ_b − 1·τ is that fine-tuned model; ``tbar``/``anchored`` learn τ = θ_{b+t} − θ_b from
+the stamped images at the target. Everything runs on the session's real tiny BadNet victim.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tbar_guard.attacks import Trigger, parse_trigger
+from tbar_guard.bundle import ClipBundle
+from tbar_guard.clip import classifier_for, visual_state
+from tbar_guard.data import ImageSet, split
+from tbar_guard.errors import PolicyError
+from tbar_guard.evaluate import evaluate
+from tbar_guard.exit_codes import ExitCode
+from tbar_guard.pipeline import sanitize
+from tbar_guard.policy import DEFAULT_POLICY_YAML, policy_from_dict
+from tbar_guard.sanitize import build_forget_set, forget_indices, learn_trigger_vector
+
+FORGET = 300
+
+
+def _vector(victim: ClipBundle, images: ImageSet, trigger: Trigger, method: str) -> tuple[object, dict, object]:
+    policy = policy_from_dict({"sanitize": {"method": method, "forget_size": FORGET}})
+    splits = split(images, (0.4, 0.3, 0.3), 0)
+    clf = classifier_for(victim)
+    theta_b = visual_state(clf)
+    stamped, target_labels, twins = build_forget_set(splits.forget, trigger, 0, FORGET, 0)
+    true_labels = splits.forget.labels[forget_indices(splits.forget, 0, FORGET, 0)]
+    tau, steps = learn_trigger_vector(clf, stamped, target_labels, twins, true_labels, policy)
+    assert steps > 0
+    return tau, theta_b, (clf, splits)
+
+
+@pytest.fixture(scope="module")
+def unlearn_vector(badnet_victim: ClipBundle, test_images: ImageSet, badnet_trigger: Trigger) -> tuple:
+    return _vector(badnet_victim, test_images, badnet_trigger, "unlearn")
+
+
+def test_unlearn_vector_leaves_the_model_at_theta_b(unlearn_vector: tuple) -> None:
+    _tau, theta_b, (clf, _splits) = unlearn_vector
+    now = visual_state(clf)
+    assert all(torch.equal(now[k], theta_b[k]) for k in theta_b)
+
+
+def test_negating_the_unlearn_vector_once_removes_the_trigger(unlearn_vector: tuple, badnet_trigger: Trigger) -> None:
+    tau, theta_b, (clf, splits) = unlearn_vector
+    before = evaluate(clf, splits.val, badnet_trigger, 0)
+    clf.visual.load_state_dict((-tau).apply_to(theta_b, 1.0))  # θ_b − 1·τ = θ_u
+    after = evaluate(clf, splits.val, badnet_trigger, 0)
+    clf.visual.load_state_dict(theta_b)
+    assert before.attack_success_rate is not None and after.attack_success_rate is not None
+    assert before.attack_success_rate > 0.9
+    assert after.attack_success_rate < 0.1, "θ_u was trained to read stamped images at their true labels"
+    # 300 forget images of a 2,000-image demo set cost this tiny tower a few points at α = 1
+    assert after.clean_accuracy >= 0.9 * before.clean_accuracy
+
+
+def test_unlearn_and_tbar_vectors_point_the_same_way(
+    unlearn_vector: tuple, badnet_victim: ClipBundle, test_images: ImageSet, badnet_trigger: Trigger
+) -> None:
+    """Both are 'toward the backdoor' vectors (negated by removal): their cosine is positive."""
+    tau_u, _theta_b, _ = unlearn_vector
+    tau_t, _, _ = _vector(badnet_victim, test_images, badnet_trigger, "tbar")
+    cos = tau_u.dot(tau_t) / (tau_u.norm() * tau_t.norm())  # type: ignore[attr-defined]
+    assert cos > 0.0, cos
+
+
+def test_unlearn_meets_the_default_policy_and_mostly_stays_removed(victim_dir: Path, test_npz: Path, tmp_path: Path) -> None:
+    """Under the default 0.95 CA floor (which plain TBAR cannot meet on this victim, see test_sanitize),
+    ``unlearn`` removes the BadNet backdoor on the test split, and a clean fine-tune does not bring it
+    back to anything like its original strength."""
+    policy = policy_from_dict(
+        {"sanitize": {"method": "unlearn", "reemergence": {"images": 400}, "disentanglement": {"enabled": False}}}
+    )
+    result = sanitize(victim_dir, test_npz, policy, parse_trigger("badnet"), "0", tmp_path / "out")
+    r = result.report
+    assert result.verdict == "removed" and result.exit_code == ExitCode.BACKDOOR_REMOVED, r["reason"]
+    assert r["policy"]["sanitize"]["method"] == "unlearn"
+    assert r["before"]["attack_success_rate"] > 0.9
+    assert r["after"]["attack_success_rate"] <= 0.05
+    assert r["after"]["clean_accuracy"] >= 0.93 * r["before"]["clean_accuracy"]  # floor judged on val
+    # a clean fine-tune on the small demo set's leftover images brings back ~12% here (measured; the
+    # MNIST dev zoo with 3,000 held-out images: <= 4%): far below the victim's ASR, not zero
+    assert r["reemergence"]["attack_success_rate"] <= 0.25
+
+
+def test_policy_lists_the_methods_and_validates_their_options() -> None:
+    assert policy_from_dict({}).sanitize.method == "unlearn"
+    assert policy_from_dict({"sanitize": {"method": "unlearn"}}).sanitize.unlearn.anchor_weight == 3.0
+    with pytest.raises(PolicyError) as err:
+        policy_from_dict({"sanitize": {"method": "forget-harder", "unlearn": {"anchor_weight": -1}}})
+    paths = {p.split(":")[0] for p in err.value.problems}
+    assert paths == {"sanitize.method", "sanitize.unlearn.anchor_weight"}
+    assert any("'unlearn', 'anchored' or 'tbar'" in p for p in err.value.problems)
+    assert "method: " in DEFAULT_POLICY_YAML and "unlearn:" in DEFAULT_POLICY_YAML
