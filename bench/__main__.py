@@ -31,14 +31,37 @@ def main(argv: list[str] | None = None) -> int:
         help="train and run nothing: write the tables from the cached records, listing what is missing",
     )
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    build = sub.add_parser("build", help="build (or check) the zoo's foundation and victims only, no defences")
+    build.add_argument("--zoo", type=Path, default=None, help="zoo YAML (default bench/zoo.yaml)")
+    build.add_argument("--quick", action="store_true", help="the reduced zoo bench/zoo-quick.yaml")
+    build.add_argument("--cache", type=Path, default=HERE / "cache", help="models, decoded data and records")
+    build.add_argument("--shared", type=Path, default=None, help="the shared data folder (default ../shared/data)")
+    build.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    build.add_argument("--only", default=None, help="build only victims whose name contains this")
+    imp = sub.add_parser(
+        "import",
+        help="copy the records of a results.json into the cache, for victims whose rebuilt weights are identical",
+    )
+    imp.add_argument("results", type=Path, help="a results.json written by `run` (e.g. bench/results/results.json)")
+    imp.add_argument("--zoo", type=Path, default=None, help="zoo YAML (default bench/zoo.yaml)")
+    imp.add_argument("--cache", type=Path, default=HERE / "cache", help="models, decoded data and records")
     args = parser.parse_args(argv)
 
     import torch
 
     from bench import datasets, results, runner
 
+    if args.command == "import":
+        from bench.runner import import_records
+
+        zoo_file = args.zoo or HERE / "zoo.yaml"
+        copied, skipped = import_records(zoo_file, args.results, args.cache)
+        print(f"imported {copied} record(s) into {args.cache / 'records'}")
+        for why in skipped:
+            print(f"skipped: {why}")
+        return 0
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    zoo = args.zoo or HERE / ("zoo-quick.yaml" if args.quick else "zoo.yaml")
+    zoo = args.zoo or HERE / ("zoo-quick.yaml" if getattr(args, "quick", False) else "zoo.yaml")
     shared = args.shared or datasets.DEFAULT_SHARED
     if not shared.is_dir():
         print(f"error: shared data folder {shared} not found (pass --shared)", file=sys.stderr)
@@ -48,6 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
+    if args.command == "build":
+        from bench.zoo import Zoo, load_zoo
+
+        spec = load_zoo(zoo)
+        models = Zoo(spec, args.cache, shared, log)
+        models.foundation()
+        for v in spec.victims:
+            if args.only is not None and args.only not in v.name:
+                continue
+            _, meta = models.victim(v)
+            asr = meta["attack_success_rate"]
+            log(
+                f"{v.name}: CA {100 * meta['clean_accuracy']:.1f}%"
+                + (f", ASR {100 * asr:.1f}%" if asr is not None else "")
+            )
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     res = runner.load_and_run(
         zoo,

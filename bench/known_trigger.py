@@ -56,9 +56,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/known_trigger.md"))
     parser.add_argument("--work", type=Path, default=Path("bench/cache/known_trigger"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--methods", nargs="+", default=["tbar", "anchored"])
+    parser.add_argument("--methods", nargs="+", default=["tbar", "anchored", "unlearn"])
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     train, test = mnist("train"), mnist("test")
     args.work.mkdir(parents=True, exist_ok=True)
     data_npz = args.work / "mnist_test.npz"
@@ -70,7 +72,7 @@ def main() -> None:
         foundation = train_foundation(train.subset(torch.arange(0, 5000)), epochs=10, seed=seed)
         found_ca = evaluate(classifier_for(foundation), test).clean_accuracy
         print(f"seed {seed}: foundation zero-shot CA {found_ca:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        for attack in ATTACKS:
+        for attack in args.attacks:
             spec = parse_trigger(attack)
             trigger = build_trigger(spec, 28)
             victim = finetune_victim(

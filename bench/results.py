@@ -9,18 +9,22 @@ from pathlib import Path
 from typing import Any
 
 DEFENCE_LABELS = {
-    "tbar-known": "TBAR known trigger (anchored, default)",
+    "tbar-known": "TBAR known trigger (anchored)",
     "tbar-plain-known": "TBAR known trigger (plain, paper recipe)",
-    "tbar-agnostic": "TBAR agnostic (gate: inversion -> TBAR)",
+    "tbar-unlearn-known": "TBAR known trigger (unlearn vector, the default: negate theta_b - theta_unlearned)",
+    "tbar-agnostic": "TBAR agnostic (gate: inversion -> anchored TBAR)",
+    "tbar-unlearn-agnostic": "TBAR agnostic (gate: inversion -> unlearn vector, the default)",
     "clean-ft-1x": "clean fine-tune, N = forget size",
     "clean-ft-10x": "clean fine-tune, N = 10x forget size",
     "grad-ascent": "gradient ascent on the forget set",
     "cleanclip": "CleanCLIP-style (cross-modal + in-modal, augmented)",
 }
+KNOWN_TBAR = ("tbar-known", "tbar-plain-known", "tbar-unlearn-known")
+AGNOSTIC_TBAR = ("tbar-agnostic", "tbar-unlearn-agnostic")
+TBAR = KNOWN_TBAR + AGNOSTIC_TBAR
 REMOVALS = (
-    "tbar-known",
-    "tbar-plain-known",
-    "tbar-agnostic",
+    *KNOWN_TBAR,
+    *AGNOSTIC_TBAR,
     "clean-ft-1x",
     "clean-ft-10x",
     "grad-ascent",
@@ -125,15 +129,27 @@ def write_markdown(results: dict[str, Any], out: Path, command: str) -> Path:
         "Per TBAR run: best CA kept among the α whose validation ASR ≤ 2%, and the best validation ASR among the α "
         "that keep ≥ 95% of validation CA (the issue's two views of the curve); the chosen α and its test numbers.",
         "",
+        "### Per method and attack (working attacks only; means over their victims)",
+        "",
+        "`@ASR≤2%` = the best CA kept among the validation-sweep α whose ASR ≤ 2% (n = victims where some α "
+        "reached it); `@kept≥0.95` = the best validation ASR among α keeping ≥ 95% of CA. Test columns: the "
+        "policy's chosen α on the test split (an `unremoved` verdict counts as what the user keeps: the victim). "
+        "`re` = re-emergence ASR after the policy's clean fine-tune (removed victims only).",
+        "",
+        "| method | attack | victims | CA kept @ASR≤2% (n) | best ASR @kept≥0.95 | removed | test CA kept | "
+        "test ASR | re | s | data |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *method_table(recs, victims),
+        "",
+        "### Every TBAR run",
+        "",
         "| victim | method | CA kept @ ASR≤2% | best ASR @ CA kept≥0.95 | chosen α | test CA kept | test ASR | re-emergence ASR | verdict | s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in recs:
-        if r["defence"] not in ("tbar-known", "tbar-plain-known", "tbar-agnostic") or not r.get("alpha_sweep"):
+        if r["defence"] not in TBAR or not r.get("alpha_sweep"):
             continue
-        sweep = r["alpha_sweep"]
-        ca0 = next((p["clean_accuracy"] for p in sweep if p["alpha"] == 0), None) or sweep[0]["clean_accuracy"]
-        a, b = tradeoff(sweep, ca0)
+        a, b = _sweep_views(r)
         lines.append(
             f"| {r['victim']} | {r['defence']} | {'–' if a is None else f'{a:.3f}'} | {pct(b)} | {r.get('alpha')} | "
             f"{r['ca_after_chosen_alpha'] / max(r['ca_before'], 1e-12):.3f} | {pct(r['asr_after_chosen_alpha'])} | "
@@ -164,6 +180,15 @@ def write_markdown(results: dict[str, Any], out: Path, command: str) -> Path:
             *xi_rows,
         ]
 
+    if results.get("skipped_failed_attacks"):
+        lines += [
+            "",
+            "## Not defended: failed attacks",
+            "",
+            "The zoo says `failed_attacks: detect-only`: a victim whose attack failed (ASR < 90%) has no working "
+            "backdoor to remove, so only the scan-only detectors ran on it (it is still listed with its CA and ASR "
+            "above): " + "; ".join(results["skipped_failed_attacks"]) + ".",
+        ]
     if results.get("missing"):
         lines += [
             "",
@@ -196,17 +221,50 @@ def write_markdown(results: dict[str, Any], out: Path, command: str) -> Path:
     return out
 
 
+def _sweep_views(r: dict[str, Any]) -> tuple[float | None, float | None]:
+    sweep = r.get("alpha_sweep") or []
+    if not sweep:
+        return None, None
+    ca0 = next((p["clean_accuracy"] for p in sweep if p["alpha"] == 0), None) or sweep[0]["clean_accuracy"]
+    return tradeoff(sweep, ca0)
+
+
+def method_table(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> list[str]:
+    """One row per TBAR method x attack over the working victims: the two trade-off views and the test numbers."""
+    ok = {v["name"] for v in victims if v["attack"] and not v["failed_attack"]}
+    rows = []
+    for defence in TBAR:
+        for attack in sorted({r["attack"] for r in recs if r["attack"]}):
+            rs = [r for r in recs if r["defence"] == defence and r["attack"] == attack and r["victim"] in ok]
+            rs = [r for r in rs if "ca_kept" in r]
+            if not rs:
+                continue
+            views = [_sweep_views(r) for r in rs]
+            reach = [a for a, _ in views if a is not None]
+            best = _mean(b for _, b in views)
+            removed = [r for r in rs if r["verdict"] == "removed"]
+            kept = _mean(r["ca_after"] / max(r["ca_before"], 1e-12) for r in rs)
+            rows.append(
+                f"| `{defence}` | {attack} | {len(rs)} | "
+                f"{'–' if not reach else f'{statistics.fmean(reach):.3f}'} ({len(reach)}/{len(rs)}) | {pct(best)} | "
+                f"{len(removed)}/{len(rs)} | {'–' if kept is None else f'{kept:.3f}'} | "
+                f"{pct(_mean(r['asr_after'] for r in rs))} | {pct(_mean(r.get('reemergence_asr') for r in removed))} | "
+                f"{_mean(r.get('seconds', 0) for r in rs) or 0:.0f} | {rs[0].get('data_used')} |"
+            )
+    return rows
+
+
 def targets_table(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> list[str]:
     ok_attacks = {v["name"] for v in victims if v["attack"] and not v["failed_attack"]}
 
     def cells(defence: str) -> list[dict[str, Any]]:
         return [r for r in recs if r["defence"] == defence and r["victim"] in ok_attacks and "ca_kept" in r]
 
-    rows = ["| target | measured | met? |", "|---|---|---|"]
-    for defence, asr_t, kept_t, label in (
-        ("tbar-known", 0.01, 0.97, "known-trigger TBAR: ASR ≤ 1% on every attack, CA kept ≥ 97%"),
-        ("tbar-agnostic", 0.02, 0.95, "agnostic TBAR: ASR ≤ 2%, CA kept ≥ 95%"),
-    ):
+    rows = ["| target | defence | measured | met? |", "|---|---|---|---|"]
+    goals = [(d, 0.01, 0.97, "known-trigger TBAR: ASR ≤ 1% on every attack, CA kept ≥ 97%") for d in KNOWN_TBAR]
+    goals += [(d, 0.02, 0.95, "issue 8: ASR ≤ 2%, CA kept ≥ 95% (known trigger)") for d in KNOWN_TBAR]
+    goals += [(d, 0.02, 0.95, "agnostic TBAR: ASR ≤ 2%, CA kept ≥ 95%") for d in AGNOSTIC_TBAR]
+    for defence, asr_t, kept_t, label in goals:
         rs = cells(defence)
         if not rs:
             continue
@@ -214,15 +272,19 @@ def targets_table(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> 
         worst_asr = max(r["asr_after"] for r in rs)
         worst_kept = min(r["ca_after"] / max(r["ca_before"], 1e-12) for r in rs)
         rows.append(
-            f"| {label} | {sum(met)}/{len(rs)} victims meet both; worst ASR {pct(worst_asr)}%, worst CA kept {worst_kept:.3f} | "
-            f"{'met' if all(met) else 'MISSED'} |"
+            f"| {label} | `{defence}` | {sum(met)}/{len(rs)} victims meet both; worst ASR {pct(worst_asr)}%, "
+            f"worst CA kept {worst_kept:.3f} | {'met' if all(met) else 'MISSED'} |"
         )
-    stays = [r for r in cells("tbar-known") if r.get("reemergence_asr") is not None]
-    if stays:
+    for defence in TBAR:
+        rs = cells(defence)
+        stays = [r for r in rs if r.get("reemergence_asr") is not None]
+        if not rs:
+            continue
         ok = [r["reemergence_asr"] <= 0.10 for r in stays]
+        worst = f"; worst {pct(max(r['reemergence_asr'] for r in stays))}%" if stays else ""
         rows.append(
-            f"| stays removed: re-emergence ASR ≤ 10% (known trigger, removed victims) | {sum(ok)}/{len(stays)}; worst "
-            f"{pct(max(r['reemergence_asr'] for r in stays))}% | {'met' if all(ok) else 'MISSED'} |"
+            f"| stays removed: re-emergence ASR ≤ 10% on every victim | `{defence}` | "
+            f"{sum(ok)}/{len(rs)} victims removed and ≤ 10%{worst} | {'met' if len(ok) == len(rs) and all(ok) else 'MISSED'} |"
         )
     det = [r for r in recs if r["defence"] == "tbar-agnostic"]
     if det:
@@ -231,7 +293,7 @@ def targets_table(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> 
         tpr = sum(pos) / len(pos) if pos else 0.0
         fpr = sum(neg) / len(neg) if neg else 0.0
         rows.append(
-            f"| detection (default detector): TPR ≥ 95% at FPR ≤ 5% | TPR {_rate(pos)}, FPR {_rate(neg)} | "
+            f"| detection (default detector): TPR ≥ 95% at FPR ≤ 5% | `tbar-agnostic` | TPR {_rate(pos)}, FPR {_rate(neg)} | "
             f"{'met' if tpr >= 0.95 and fpr <= 0.05 else 'MISSED'} |"
         )
     return rows
@@ -242,6 +304,7 @@ def detection_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) 
     failed = {v["name"] for v in victims if v["failed_attack"]}
     rules = (
         ("differential (default; reference = base model)", "tbar-agnostic", "flagged"),
+        ("differential (gate of tbar-unlearn-agnostic)", "tbar-unlearn-agnostic", "flagged"),
         ("DECREE, paper rule (PL1 < 0.1)", "decree", "flagged_paper"),
         ("DECREE, calibrated (PL1 < 0.5 × base model's PL1)", "decree", "flagged_calibrated"),
     )
@@ -330,28 +393,39 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
-    sweeps = [
-        r for r in results["records"] if r["defence"] in ("tbar-known", "tbar-plain-known") and r.get("alpha_sweep")
-    ]
+    sweeps = [r for r in results["records"] if r["defence"] in TBAR and r.get("alpha_sweep")]
     if sweeps:
         keys = sorted({(r["task"], r["attack"]) for r in sweeps})
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), dpi=100, squeeze=False)
+        colours = dict(zip(TBAR, ["tab:green", "tab:blue", "tab:red", "tab:olive", "tab:purple"], strict=True))
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), dpi=100, squeeze=False)
         for ax, (task, attack) in zip(axes[0], keys, strict=True):
+            labelled: set[str] = set()
             for r in sweeps:
-                if (r["task"], r["attack"]) != (task, attack) or r["seed"] != min(s["seed"] for s in sweeps):
+                if (r["task"], r["attack"]) != (task, attack):
                     continue
-                xs = [p["alpha"] for p in r["alpha_sweep"]]
-                style = "-" if r["defence"] == "tbar-known" else "--"
-                ax.plot(xs, [p["clean_accuracy"] for p in r["alpha_sweep"]], "b" + style, label=f"CA {r['defence']}")
+                sweep = sorted(r["alpha_sweep"], key=lambda p: p["alpha"])
+                ca0 = sweep[0]["clean_accuracy"] or 1.0
                 ax.plot(
-                    xs, [p["attack_success_rate"] for p in r["alpha_sweep"]], "r" + style, label=f"ASR {r['defence']}"
+                    [100 * p["attack_success_rate"] for p in sweep],
+                    [p["clean_accuracy"] / ca0 for p in sweep],
+                    "-",
+                    marker=".",
+                    ms=3,
+                    lw=1,
+                    color=colours[r["defence"]],
+                    label=None if r["defence"] in labelled else r["defence"],
                 )
+                labelled.add(r["defence"])
+            ax.axhline(0.95, color="gray", lw=0.8, ls="--")
+            ax.axvline(2, color="gray", lw=0.8, ls=":")
             ax.set_title(f"{task} {attack}", fontsize=9)
-            ax.set_xlabel("α")
-            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("validation ASR % (trigger removal used)")
+            ax.set_xscale("symlog", linthresh=1)
+        axes[0][0].set_ylabel("validation CA kept")
         axes[0][0].legend(fontsize=6)
+        fig.suptitle("Trade-off curves: every α evaluated, per method (one line per victim)", fontsize=9)
         fig.tight_layout()
-        path = out_dir / "alpha_sweeps.png"
+        path = out_dir / "tradeoff.png"
         fig.savefig(path)
         plt.close(fig)
         written.append(path)

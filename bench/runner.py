@@ -33,9 +33,13 @@ from tbar_guard.reemerge import ReemergenceConfig, measure_reemergence
 
 Log = Callable[[str], None]
 
-KNOWN = ("tbar-known", "tbar-plain-known")
+# removal defences -> the policy's sanitize.method they run (names are cache keys: never re-map one)
+KNOWN_METHODS = {"tbar-known": "anchored", "tbar-plain-known": "tbar", "tbar-unlearn-known": "unlearn"}
+AGNOSTIC_METHODS = {"tbar-agnostic": "anchored", "tbar-unlearn-agnostic": "unlearn"}
+KNOWN = tuple(KNOWN_METHODS)
 BASELINES = ("clean-ft-1x", "clean-ft-10x", "grad-ascent", "cleanclip")
-DETECTORS = ("tbar-agnostic", "decree")
+SCAN_ONLY = ("decree",)  # detectors that only scan (no removal): run on failed attacks too
+DETECTORS = (*AGNOSTIC_METHODS, *SCAN_ONLY)
 ALL_DEFENCES = KNOWN + DETECTORS + BASELINES
 
 
@@ -72,6 +76,7 @@ class Runner:
         self.records: list[dict[str, Any]] = []
         self.victims: list[dict[str, Any]] = []
         self.missing: list[str] = []  # victims / victim x defence with no cached result (from_cache runs)
+        self.skipped: list[str] = []  # failed attack x removal defence, under failed_attacks: detect-only
         self.from_cache = False
         self.commit = "unknown"
 
@@ -142,8 +147,11 @@ class Runner:
         for defence in self.defences:
             if v.attack is None and defence not in DETECTORS:
                 continue
-            key = key_of([self.spec.victim_key(v), defence, self.spec.policy, self.spec.baselines.get(defence)])
-            cached = self.cache / "records" / f"{v.name}-{defence}-{key}.json"
+            if meta["failed_attack"] and self.spec.failed_attacks == "detect-only" and defence not in SCAN_ONLY:
+                self.skipped.append(f"{v.name} x {defence}")
+                continue
+            cached = record_path(self.cache, self.spec, v, defence)
+            key = cached.stem.rsplit("-", 1)[1]
             if cached.exists():
                 rec = json.loads(cached.read_text())
             elif self.from_cache:
@@ -172,16 +180,17 @@ class Runner:
         out = self._fresh_dir(f"{v.name}-{defence}-{key}")
         if defence in KNOWN:
             assert v.attack is not None
-            method = "anchored" if defence == "tbar-known" else "tbar"
-            # ξ costs a second fine-tune: measured for one victim per attack (the first seed), default method
-            xi = defence == "tbar-known" and v.seed == min(x.seed for x in self.spec.victims if x.attack == v.attack)
+            method = KNOWN_METHODS[defence]
+            # ξ costs a second fine-tune: measured for one victim per attack (the first seed), non-plain methods
+            first = v.seed == min(x.seed for x in self.spec.victims if x.attack == v.attack)
+            xi = defence != "tbar-plain-known" and first
             policy = self.policy({"sanitize": {"method": method, "disentanglement": {"enabled": xi}}})
             r = sanitize(vdir, ctx.data_npz, policy, self.spec.trigger(v.attack), str(v.target), out).report
             return _removal_record(r, r["before"], r["after"])
-        if defence == "tbar-agnostic":
+        if defence in AGNOSTIC_METHODS:
             extra: dict[str, Any] = {
                 "detect": {"reference_models": [str(ctx.base_dir)]},
-                "sanitize": {"disentanglement": {"enabled": False}},
+                "sanitize": {"method": AGNOSTIC_METHODS[defence], "disentanglement": {"enabled": False}},
             }
             if v.attack is not None:
                 extra.update({"trigger": spec_to_dict(self.spec.trigger(v.attack)), "target": str(v.target)})
@@ -315,6 +324,7 @@ class Runner:
             "victims": self.victims,
             "records": self.records,
             "missing": self.missing,
+            "skipped_failed_attacks": self.skipped,
             "from_cache": from_cache,
             "wall_seconds": wall,
         }
@@ -382,6 +392,53 @@ def machine() -> dict[str, Any]:
         "commit": git("rev-parse", "HEAD"),
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
     }
+
+
+def record_path(cache: Path, spec: ZooSpec, v: VictimSpec, defence: str) -> Path:
+    """Where the record of ``v`` x ``defence`` is cached: keyed by everything that decides it."""
+    key = key_of([spec.victim_key(v), defence, spec.policy, spec.baselines.get(defence)])
+    return cache / "records" / f"{v.name}-{defence}-{key}.json"
+
+
+_RECORD_CONTEXT = ("victim", "task", "attack", "target", "seed", "defence")
+
+
+def import_records(zoo_path: Path, results_path: Path, cache: Path) -> tuple[int, list[str]]:
+    """Copy the records of an earlier run into ``cache``, victim by victim, only where the cached
+    victim's weights hash to the sha256 that run recorded (so a record always describes the model
+    it is filed under). Records already in the cache are kept. Returns (copied, reasons skipped)."""
+    spec = load_zoo(zoo_path)
+    old = json.loads(Path(results_path).read_text(encoding="utf-8"))
+    if old.get("zoo") != spec.name:
+        raise ValueError(f"{results_path} is a run of zoo {old.get('zoo')!r}, not {spec.name!r}")
+    old_sha = {v["name"]: v["sha256"] for v in old["victims"]}
+    zoo = Zoo(spec, cache, Path("."), lambda _msg: None)
+    by_name = {v.name: v for v in spec.victims}
+    copied, skipped = 0, []
+    for rec in old["records"]:
+        v = by_name.get(rec["victim"])
+        if v is None:
+            skipped.append(f"{rec['victim']} x {rec['defence']}: not a victim of this zoo")
+            continue
+        meta_file = zoo.victim_dir(v).parent / f"{zoo.victim_dir(v).name}.json"
+        if not zoo.victim_cached(v):
+            skipped.append(f"{v.name} x {rec['defence']}: victim not built in the cache")
+            continue
+        sha = json.loads(meta_file.read_text(encoding="utf-8"))["sha256"]
+        if sha != old_sha.get(v.name):
+            skipped.append(
+                f"{v.name} x {rec['defence']}: rebuilt weights differ (sha256 {sha[:12]} vs {str(old_sha.get(v.name))[:12]})"
+            )
+            continue
+        path = record_path(cache, spec, v, rec["defence"])
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            json.dumps({k: x for k, x in rec.items() if k not in _RECORD_CONTEXT}, indent=2), encoding="utf-8"
+        )
+        copied += 1
+    return copied, skipped
 
 
 def load_and_run(

@@ -93,6 +93,9 @@ class ZooSpec:
     defences: tuple[str, ...]
     baselines: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    # "defend": every defence runs on a failed attack (victim ASR < 90%) too; "detect-only": only the
+    # scan-only detectors do (there is no working backdoor to remove; the victim is still reported)
+    failed_attacks: str = "defend"
 
     def trigger(self, attack: str) -> TriggerSpec:
         return parse_trigger(self.attacks[attack])
@@ -144,7 +147,14 @@ def load_zoo(path: Path) -> ZooSpec:
         defences=tuple(raw["defences"]),
         baselines=dict(raw.get("baselines") or {}),
         raw=raw,
+        failed_attacks=_failed_attacks(path, raw.get("failed_attacks", "defend")),
     )
+
+
+def _failed_attacks(path: Path, value: Any) -> str:
+    if value not in ("defend", "detect-only"):
+        raise ValueError(f"{path}: failed_attacks must be 'defend' or 'detect-only', got {value!r}")
+    return str(value)
 
 
 def task_of(zoo: ZooSpec, task: str) -> ZeroShotTask:

@@ -60,7 +60,7 @@ def test_tiny_zoo_writes_tables_and_plots_from_the_records(tiny_run: tuple[Path,
     )
     for heading in ("## Headline", "## Targets", "## Detection", "## Every removal record"):
         assert heading in md
-    for png in ("ca_vs_asr.png", "alpha_sweeps.png"):
+    for png in ("ca_vs_asr.png", "tradeoff.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
