@@ -38,28 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--shared", type=Path, default=None, help="the shared data folder (default ../shared/data)")
     build.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     build.add_argument("--only", default=None, help="build only victims whose name contains this")
-    imp = sub.add_parser(
-        "import",
-        help="copy the records of a results.json into the cache, for victims whose rebuilt weights are identical",
-    )
-    imp.add_argument("results", type=Path, help="a results.json written by `run` (e.g. bench/results/results.json)")
-    imp.add_argument("--zoo", type=Path, default=None, help="zoo YAML (default bench/zoo.yaml)")
-    imp.add_argument("--cache", type=Path, default=HERE / "cache", help="models, decoded data and records")
     args = parser.parse_args(argv)
 
     import torch
 
     from bench import datasets, results, runner
 
-    if args.command == "import":
-        from bench.runner import import_records
-
-        zoo_file = args.zoo or HERE / "zoo.yaml"
-        copied, skipped = import_records(zoo_file, args.results, args.cache)
-        print(f"imported {copied} record(s) into {args.cache / 'records'}")
-        for why in skipped:
-            print(f"skipped: {why}")
-        return 0
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     zoo = args.zoo or HERE / ("zoo-quick.yaml" if getattr(args, "quick", False) else "zoo.yaml")
     shared = args.shared or datasets.DEFAULT_SHARED

@@ -400,47 +400,6 @@ def record_path(cache: Path, spec: ZooSpec, v: VictimSpec, defence: str) -> Path
     return cache / "records" / f"{v.name}-{defence}-{key}.json"
 
 
-_RECORD_CONTEXT = ("victim", "task", "attack", "target", "seed", "defence")
-
-
-def import_records(zoo_path: Path, results_path: Path, cache: Path) -> tuple[int, list[str]]:
-    """Copy the records of an earlier run into ``cache``, victim by victim, only where the cached
-    victim's weights hash to the sha256 that run recorded (so a record always describes the model
-    it is filed under). Records already in the cache are kept. Returns (copied, reasons skipped)."""
-    spec = load_zoo(zoo_path)
-    old = json.loads(Path(results_path).read_text(encoding="utf-8"))
-    if old.get("zoo") != spec.name:
-        raise ValueError(f"{results_path} is a run of zoo {old.get('zoo')!r}, not {spec.name!r}")
-    old_sha = {v["name"]: v["sha256"] for v in old["victims"]}
-    zoo = Zoo(spec, cache, Path("."), lambda _msg: None)
-    by_name = {v.name: v for v in spec.victims}
-    copied, skipped = 0, []
-    for rec in old["records"]:
-        v = by_name.get(rec["victim"])
-        if v is None:
-            skipped.append(f"{rec['victim']} x {rec['defence']}: not a victim of this zoo")
-            continue
-        meta_file = zoo.victim_dir(v).parent / f"{zoo.victim_dir(v).name}.json"
-        if not zoo.victim_cached(v):
-            skipped.append(f"{v.name} x {rec['defence']}: victim not built in the cache")
-            continue
-        sha = json.loads(meta_file.read_text(encoding="utf-8"))["sha256"]
-        if sha != old_sha.get(v.name):
-            skipped.append(
-                f"{v.name} x {rec['defence']}: rebuilt weights differ (sha256 {sha[:12]} vs {str(old_sha.get(v.name))[:12]})"
-            )
-            continue
-        path = record_path(cache, spec, v, rec["defence"])
-        if path.exists():
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            json.dumps({k: x for k, x in rec.items() if k not in _RECORD_CONTEXT}, indent=2), encoding="utf-8"
-        )
-        copied += 1
-    return copied, skipped
-
-
 def load_and_run(
     zoo_path: Path,
     out: Path,
