@@ -17,12 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="build the zoo, run every defence, write results.json + RESULTS.md + plots")
-    run.add_argument("--zoo", type=Path, default=None, help="zoo YAML (default bench/zoo.yaml)")
-    run.add_argument("--quick", action="store_true", help="the reduced zoo bench/zoo-quick.yaml (<= 10 min)")
+    build = sub.add_parser("build", help="build (or check) the zoo's foundation and victims only, no defences")
+    for p in (run, build):
+        p.add_argument("--zoo", type=Path, default=None, help="zoo YAML (default bench/zoo.yaml)")
+        p.add_argument("--quick", action="store_true", help="the reduced zoo bench/zoo-quick.yaml (<= 10 min)")
+        p.add_argument("--cache", type=Path, default=HERE / "cache", help="models, decoded data and records")
+        p.add_argument("--shared", type=Path, default=None, help="the shared data folder (default ../shared/data)")
+        p.add_argument("--only", default=None, help="only victims whose name contains this")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     run.add_argument("--out", type=Path, required=True)
-    run.add_argument("--cache", type=Path, default=HERE / "cache", help="models, decoded data and records")
-    run.add_argument("--shared", type=Path, default=None, help="the shared data folder (default ../shared/data)")
-    run.add_argument("--only", default=None, help="run only victims whose name contains this")
     run.add_argument("--limit", type=int, default=None, help="run only the first N victims")
     run.add_argument("--defences", nargs="+", default=None, help="a subset of the zoo's defences")
     run.add_argument(
@@ -30,14 +33,6 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="train and run nothing: write the tables from the cached records, listing what is missing",
     )
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    build = sub.add_parser("build", help="build (or check) the zoo's foundation and victims only, no defences")
-    build.add_argument("--zoo", type=Path, default=None, help="zoo YAML (default bench/zoo.yaml)")
-    build.add_argument("--quick", action="store_true", help="the reduced zoo bench/zoo-quick.yaml")
-    build.add_argument("--cache", type=Path, default=HERE / "cache", help="models, decoded data and records")
-    build.add_argument("--shared", type=Path, default=None, help="the shared data folder (default ../shared/data)")
-    build.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    build.add_argument("--only", default=None, help="build only victims whose name contains this")
     args = parser.parse_args(argv)
 
     import torch
@@ -45,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import datasets, results, runner
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    zoo = args.zoo or HERE / ("zoo-quick.yaml" if getattr(args, "quick", False) else "zoo.yaml")
+    zoo = args.zoo or HERE / ("zoo-quick.yaml" if args.quick else "zoo.yaml")
     shared = args.shared or datasets.DEFAULT_SHARED
     if not shared.is_dir():
         print(f"error: shared data folder {shared} not found (pass --shared)", file=sys.stderr)
