@@ -44,6 +44,7 @@ def removal_json(removal: Removal) -> dict[str, Any]:
     are present only when they were measured."""
     out: dict[str, Any] = {
         "alpha": removal.alpha,
+        "removal_method": removal.method or None,
         "before": removal.before.to_json(),
         "after": removal.after.to_json(),
         "val_before": removal.val_before.to_json(),
@@ -106,7 +107,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     if target:
         lines += [f"- target class: {target['index']} ({target['name']})"]
     if "alpha" in report:
-        lines += [f"- chosen alpha: {report['alpha']:g}"]
+        method = f" (removal method `{report['removal_method']}`)" if report.get("removal_method") else ""
+        lines += [f"- chosen alpha: {report['alpha']:g}{method}"]
     policy = report.get("policy", {})
     if policy:
         accept = policy.get("accept", {})

@@ -93,6 +93,7 @@ class Removal:
     audit_reemergence: Reemergence | None = None  # under the true trigger (gate audits)
     reemergence_pool: str = ""  # where the clean repair images came from
     disentanglement: Disentanglement | None = None  # ξ of τ against a clean vector (whenever τ was negated)
+    method: str = ""  # the policy's sanitize.method that learned τ ("" when nothing was learned)
 
 
 def forget_indices(images: ImageSet, target: int, size: int, seed: int) -> torch.Tensor:
@@ -406,6 +407,7 @@ def remove_backdoor(
         audit_reemergence=reemergence[1] if len(reemergence) > 1 else None,
         reemergence_pool=pool_note,
         disentanglement=disentanglement,
+        method=policy.sanitize.method,
     )
 
 

@@ -39,9 +39,10 @@ def test_tiny_zoo_runs_every_defence_on_every_victim(tiny_run: tuple[Path, Path,
         if "ca_kept" in r:
             assert 0.0 <= r["ca_after"] <= 1.0 and 0.0 <= r["asr_after"] <= 1.0
             assert r["data_used"] > 0 and r["seconds"] > 0
-    known = next(r for r in res["records"] if r["defence"] == "tbar-known")
-    assert known["asr_after"] < known["asr_before"]
-    assert known["alpha_sweep"] and known["alpha"] is not None
+    for defence in ("tbar-known", "tbar-unlearn-known"):
+        known = next(r for r in res["records"] if r["defence"] == defence)
+        assert known["asr_after"] < known["asr_before"]
+        assert known["alpha_sweep"] and known["alpha"] is not None
     decree = next(r for r in res["records"] if r["defence"] == "decree" and r["attack"])
     assert 0.0 < decree["pl1"] < 1.0 and decree["reference_pl1"] > 0
     assert res["machine"]["commit"] and res["foundation"]["zero_shot_ca"]["mnist"] > 0.2
@@ -83,6 +84,14 @@ def test_zoo_file_errors_name_the_bad_entry(tmp_path: Path) -> None:
     bad = tmp_path / "zoo.yaml"
     bad.write_text(text)
     with pytest.raises(ValueError, match="badnett"):
+        load_zoo(bad)
+
+
+def test_failed_attacks_setting_is_validated(tmp_path: Path) -> None:
+    assert load_zoo(TINY).failed_attacks == "defend"
+    bad = tmp_path / "zoo.yaml"
+    bad.write_text(TINY.read_text() + "failed_attacks: skip\n")
+    with pytest.raises(ValueError, match="failed_attacks must be 'defend' or 'detect-only', got 'skip'"):
         load_zoo(bad)
 
 

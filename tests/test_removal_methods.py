@@ -72,7 +72,9 @@ def test_unlearn_and_tbar_vectors_point_the_same_way(
     assert cos > 0.0, cos
 
 
-def test_unlearn_meets_the_default_policy_and_mostly_stays_removed(victim_dir: Path, test_npz: Path, tmp_path: Path) -> None:
+def test_unlearn_meets_the_default_policy_and_mostly_stays_removed(
+    victim_dir: Path, test_npz: Path, tmp_path: Path
+) -> None:
     """Under the default 0.95 CA floor (which plain TBAR cannot meet on this victim, see test_sanitize),
     ``unlearn`` removes the BadNet backdoor on the test split, and a clean fine-tune does not bring it
     back to anything like its original strength."""
@@ -82,7 +84,8 @@ def test_unlearn_meets_the_default_policy_and_mostly_stays_removed(victim_dir: P
     result = sanitize(victim_dir, test_npz, policy, parse_trigger("badnet"), "0", tmp_path / "out")
     r = result.report
     assert result.verdict == "removed" and result.exit_code == ExitCode.BACKDOOR_REMOVED, r["reason"]
-    assert r["policy"]["sanitize"]["method"] == "unlearn"
+    assert r["policy"]["sanitize"]["method"] == r["removal_method"] == "unlearn"
+    assert "(removal method `unlearn`)" in (tmp_path / "out" / "report.md").read_text()
     assert r["before"]["attack_success_rate"] > 0.9
     assert r["after"]["attack_success_rate"] <= 0.05
     assert r["after"]["clean_accuracy"] >= 0.93 * r["before"]["clean_accuracy"]  # floor judged on val
