@@ -62,6 +62,8 @@ def _audit_tags(report: dict[str, Any], source: registry.PulledModel, policy: Po
     }
     if "alpha" in report:
         tags[f"{TAG}alpha"] = f"{report['alpha']:g}"
+    if report.get("removal_method"):
+        tags[f"{TAG}removal_method"] = str(report["removal_method"])
     if report.get("target"):
         tags[f"{TAG}target"] = f"{report['target']['index']}:{report['target']['name']}"
     for when in ("before", "after"):

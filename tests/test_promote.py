@@ -75,6 +75,7 @@ def test_backdoored_version_is_sanitized_registered_and_promoted(
     ):
         assert f"tbar_guard.{key}" in tags, key
     assert tags["tbar_guard.verdict"] == "removed"
+    assert tags["tbar_guard.removal_method"] == result.report["policy"]["sanitize"]["method"]
     assert tags["tbar_guard.source_key"] == f"{name}/1"
     assert tags["tbar_guard.output_sha256"] == result.report["output"]["sha256"]
     run = client.get_run(version.run_id)
