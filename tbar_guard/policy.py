@@ -65,6 +65,7 @@ class AnchoredPolicy(_Section):
 
 class UnlearnPolicy(_Section):
     anchor_weight: float = Field(3.0, ge=0)
+    clean_twins: bool = True
 
 
 class ReemergencePolicy(_Section):
@@ -220,6 +221,7 @@ sanitize:
     anchor_weight: 3.0   # weight of KL(original predictions || current) on the clean twins
   unlearn:               # options of method "unlearn" (ignored by the others)
     anchor_weight: 3.0   # weight of KL(original predictions || current) on the clean twins (0 = off)
+    clean_twins: true    # also train on the clean twins at their true labels (twice the fine-tuning steps)
   alpha:                 # coarse-to-fine search; the backdoor may need alpha > 1
     min: 0.0
     max: 6.0

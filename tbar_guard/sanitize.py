@@ -261,16 +261,16 @@ def learn_trigger_vector(
     and α > 1 extrapolates past it."""
     method = policy.sanitize.method
     theta_b = visual_state(clf)
-    labels = true_labels if method == "unlearn" else target_labels
-    try:
-        steps = finetune_visual(
-            clf,
-            stamped,
-            labels,
-            finetune_config(policy),
-            progress=progress,
-            anchor=twins if method in ("anchored", "unlearn") else None,
+    pixels, labels = stamped, (true_labels if method == "unlearn" else target_labels)
+    anchor = twins if method in ("anchored", "unlearn") else None
+    if method == "unlearn" and policy.sanitize.unlearn.clean_twins:
+        pixels, labels, anchor = (
+            torch.cat([stamped, twins]),
+            torch.cat([labels, true_labels]),
+            torch.cat([twins, twins]),
         )
+    try:
+        steps = finetune_visual(clf, pixels, labels, finetune_config(policy), progress=progress, anchor=anchor)
         tuned = visual_state(clf)
     finally:
         clf.visual.load_state_dict(theta_b)
