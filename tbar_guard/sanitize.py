@@ -6,7 +6,8 @@
    ``tbar`` (the paper's recipe, the faithful reference): fine-tune the image tower through the
    frozen zero-shot head on stamped → target, τ = θ_{b+t} − θ_b. ``anchored``: the same with a KL
    term holding the model's predictions on the clean twins and softened logits. ``unlearn`` (the
-   default): fine-tune on stamped → *true* label, holding the twins likewise, giving θ_u, and
+   default): fine-tune on stamped → *true* label and (``clean_twins``) twins → true label, holding
+   the twins' predictions likewise, giving θ_u, and
    τ = θ_b − θ_u — the direction from a model that ignores the trigger back to the backdoored one
    (Neural Cleanse's unlearning step, recast as a task vector so that α is chosen as in TBAR).
    See README "Removal methods" for the measurements behind the default.
@@ -256,9 +257,10 @@ def learn_trigger_vector(
 
     ``tbar``/``anchored``: τ = θ_{b+t} − θ_b, θ_{b+t} fine-tuned on the stamped images → target
     (``anchored`` also holds the victim's predictions on the clean twins). ``unlearn``: τ = θ_b − θ_u,
-    θ_u fine-tuned on the stamped images → their true labels (holding the twins likewise): the
-    direction from a model that ignores the trigger back to the backdoored one, so θ_b − 1·τ = θ_u
-    and α > 1 extrapolates past it."""
+    θ_u fine-tuned on the stamped images → their true labels (with ``unlearn.clean_twins`` also the
+    twins → their true labels; the KL term holds the twins either way): the direction from a model
+    that ignores the trigger back to the backdoored one, so θ_b − 1·τ = θ_u and α > 1 extrapolates
+    past it."""
     method = policy.sanitize.method
     theta_b = visual_state(clf)
     pixels, labels = stamped, (true_labels if method == "unlearn" else target_labels)

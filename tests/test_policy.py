@@ -39,7 +39,7 @@ def test_defaults() -> None:
     assert p.version == 1 and p.seed == 0 and p.device == "auto"
     assert (p.data.forget_fraction, p.data.val_fraction, p.data.test_fraction) == (0.4, 0.3, 0.3)
     assert p.data.path is None
-    assert p.sanitize.method == "unlearn" and p.sanitize.unlearn.anchor_weight == 3.0
+    assert p.sanitize.method == "unlearn" and p.sanitize.unlearn.anchor_weight == 3.0 and p.sanitize.unlearn.clean_twins
     assert p.sanitize.alpha.select == "lowest-asr" and p.sanitize.alpha.asr_tolerance == 0.01
     assert p.sanitize.forget_size == 1000
     assert p.sanitize.finetune.lr == 1e-4 and p.sanitize.finetune.epochs == 5
@@ -291,6 +291,7 @@ def test_sha256_is_stable_across_processes() -> None:
         {"sanitize": {"alpha": {"max": 5.0}}},
         {"sanitize": {"method": "tbar"}},
         {"sanitize": {"unlearn": {"anchor_weight": 1.0}}},
+        {"sanitize": {"unlearn": {"clean_twins": False}}},
         {"sanitize": {"alpha": {"asr_tolerance": 0.0}}},
         {"sanitize": {"reemergence": {"epochs": 2}}},
         {"sanitize": {"disentanglement": {"enabled": False}}},
