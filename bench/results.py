@@ -77,8 +77,11 @@ def write_markdown(results: dict[str, Any], out: Path, command: str) -> Path:
         "",
         "## Victims",
         "",
-        "| victim | CA | ASR | note |",
-        "|---|---|---|---|",
+        "`clean-control ASR` = the same trigger and target on the task's clean controls (no backdoor), test "
+        "split: the rate a model without the backdoor already shows, and so the floor a removal is read against.",
+        "",
+        "| victim | CA | ASR | clean-control ASR | note |",
+        "|---|---|---|---|---|",
     ]
     for v in victims:
         note = (
@@ -86,7 +89,10 @@ def write_markdown(results: dict[str, Any], out: Path, command: str) -> Path:
             if v["failed_attack"]
             else ("clean control" if v["attack"] is None else "")
         )
-        lines.append(f"| {v['name']} | {pct(v['clean_accuracy'])} | {pct(v['attack_success_rate'])} | {note} |")
+        lines.append(
+            f"| {v['name']} | {pct(v['clean_accuracy'])} | {pct(v['attack_success_rate'])} | "
+            f"{pct(v.get('clean_control_asr'))} | {note} |"
+        )
 
     # ---- headline -------------------------------------------------------------------------
     groups = sorted({(r["task"], r["attack"]) for r in recs if r["attack"]})
@@ -274,6 +280,20 @@ def targets_table(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> 
         rows.append(
             f"| {label} | `{defence}` | {sum(met)}/{len(rs)} victims meet both; worst ASR {pct(worst_asr)}%, "
             f"worst CA kept {worst_kept:.3f} | {'met' if all(met) else 'MISSED'} |"
+        )
+    floor = {v["name"]: v.get("clean_control_asr") for v in victims}
+    for defence in TBAR:
+        rs = [r for r in cells(defence) if floor.get(r["victim"]) is not None]
+        if not rs:
+            continue
+        met = [
+            r["asr_after"] <= max(0.02, floor[r["victim"]] + 0.01)
+            and r["ca_after"] / max(r["ca_before"], 1e-12) >= 0.95
+            for r in rs
+        ]
+        rows.append(
+            f"| read against the floor: ASR ≤ max(2%, clean-control ASR + 1 point), CA kept ≥ 95% | `{defence}` | "
+            f"{sum(met)}/{len(rs)} victims | {'met' if all(met) else 'MISSED'} |"
         )
     for defence in TBAR:
         rs = cells(defence)

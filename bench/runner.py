@@ -118,6 +118,30 @@ class Runner:
                 cached.write_text(json.dumps({"pl1": ctx.base_pl1}), encoding="utf-8")
         return ctx.base_pl1
 
+    def clean_control_asr(self, v: VictimSpec) -> float | None:
+        """Mean ASR of ``v``'s trigger and target on the task's clean controls (no backdoor), on the
+        defender's test split: the rate a model without the backdoor already shows, so the floor any
+        removal is read against. ``None`` when the zoo has no built clean control for the task."""
+        assert v.attack is not None
+        controls = [c for c in self.spec.victims if c.task == v.task and c.attack is None and self.zoo.victim_cached(c)]
+        if not controls:
+            return None
+        key = key_of([[self.spec.victim_key(c) for c in controls], self.spec.attacks[v.attack], v.target])
+        cached = self.cache / "records" / f"clean-control-asr-{v.task}-{v.attack}-t{v.target}-{key}.json"
+        if cached.exists():
+            return float(json.loads(cached.read_text())["asr"])
+        trigger = build_trigger(self.spec.trigger(v.attack), self.spec.preprocess.image_size)
+        test = self.task(v.task).splits.test
+        rates = []
+        for c in controls:
+            m = evaluate(classifier_for(load_bundle(self.zoo.victim_dir(c))), test, trigger, v.target)
+            assert m.attack_success_rate is not None
+            rates.append(m.attack_success_rate)
+        asr = sum(rates) / len(rates)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps({"asr": asr, "controls": [c.name for c in controls]}), encoding="utf-8")
+        return asr
+
     def decree_policy(self) -> Policy:
         return self.policy({"detect": {"method": "decree", "decree": {"rule": "paper"}}})
 
@@ -137,6 +161,8 @@ class Runner:
         vdir, meta = self.zoo.victim(v)
         meta = dict(meta)
         meta["base_test_ca"] = ctx.base_ca
+        if v.attack is not None:
+            meta["clean_control_asr"] = self.clean_control_asr(v)
         self.victims.append(meta)
         tag = "FAILED ATTACK " if meta["failed_attack"] else ""
         asr = meta["attack_success_rate"]

@@ -35,6 +35,7 @@ def test_tiny_zoo_runs_every_defence_on_every_victim(tiny_run: tuple[Path, Path,
     assert by_victim["mnist-clean-s0"] == {"tbar-agnostic", "decree"}  # controls only get the detectors
     victim = next(v for v in res["victims"] if v["name"] == "mnist-badnet-t0-s0")
     assert victim["attack_success_rate"] >= 0.9 and not victim["failed_attack"]  # the planted backdoor works
+    assert 0.0 <= victim["clean_control_asr"] < 0.2  # the clean control does not obey the trigger
     for r in res["records"]:
         if "ca_kept" in r:
             assert 0.0 <= r["ca_after"] <= 1.0 and 0.0 <= r["asr_after"] <= 1.0
