@@ -30,7 +30,7 @@ from tbar_guard.exit_codes import ExitCode
 from tbar_guard.pipeline import VERDICT_EXIT, RunResult, prepare
 from tbar_guard.policy import DetectPolicy, Policy
 from tbar_guard.report import base_report, removal_json, write_report
-from tbar_guard.sanitize import StageProgress, remove_backdoor
+from tbar_guard.sanitize import StageProgress, for_inverted_trigger, remove_backdoor
 
 
 @dataclass(frozen=True)
@@ -369,7 +369,9 @@ def gate(
         reason = f"{result.explanation}; but the inverted trigger is not actionable: {result.target.reason}"
     else:
         inverted = Trigger.from_mask(result.mask, result.pattern)
-        removal = remove_backdoor(p.clf, p.splits, inverted, result.target.target, policy, progress, audit)
+        removal = remove_backdoor(
+            p.clf, p.splits, inverted, result.target.target, for_inverted_trigger(policy), progress, audit
+        )
         verdict = "unremoved" if removal.verdict == "clean" else removal.verdict
         reason = f"{result.explanation}; removal: {removal.reason}"
     code = VERDICT_EXIT[verdict]

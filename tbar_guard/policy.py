@@ -96,6 +96,7 @@ class DisentanglementPolicy(_Section):
 
 class SanitizePolicy(_Section):
     method: Literal["unlearn", "anchored", "tbar"] = "unlearn"
+    agnostic_method: Literal["unlearn", "anchored", "tbar"] | None = None
     forget_size: int = Field(1000, ge=1)
     finetune: FinetunePolicy = FinetunePolicy()
     anchored: AnchoredPolicy = AnchoredPolicy()
@@ -208,6 +209,7 @@ sanitize:
   #             labels (plus the KL term on the clean twins): the vector that points from a model that
   #             ignores the trigger back to the backdoored one; alpha = 1 is theta_u itself.
   method: unlearn        # unlearn | anchored | tbar
+  agnostic_method: null  # the method when the trigger is an inverted one (gate); null = method
   forget_size: 1000      # triggered images (labelled with the target) used to learn the trigger vector
   finetune:              # image tower only, cross-entropy through the frozen zero-shot head
     lr: 0.0001

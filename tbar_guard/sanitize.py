@@ -280,6 +280,16 @@ def learn_trigger_vector(
     return tau, steps
 
 
+def for_inverted_trigger(policy: Policy) -> Policy:
+    """The policy a removal with an *inverted* trigger runs under: ``sanitize.agnostic_method``, when
+    set, replaces ``sanitize.method`` (the method that removes a real trigger best need not be the
+    one whose effect carries over from an inverted trigger to the real one)."""
+    chosen = policy.sanitize.agnostic_method
+    if chosen is None or chosen == policy.sanitize.method:
+        return policy
+    return policy.model_copy(update={"sanitize": policy.sanitize.model_copy(update={"method": chosen})})
+
+
 def remove_backdoor(
     clf: ZeroShotClassifier,
     splits: Splits,

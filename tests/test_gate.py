@@ -86,6 +86,7 @@ def test_gate_removes_backdoor_with_inverted_trigger(
     result = gate(victim_dir, test_npz, policy, tmp_path / "gate")
     report = result.report
     assert result.verdict == "removed", report["reason"]
+    assert report["removal_method"] == (policy.sanitize.agnostic_method or policy.sanitize.method)
     # re-emergence under the inverted trigger removal used, and under the true trigger of the audit
     back = report["reemergence"]
     assert back["images"] == 200 and back["audit"] is not None

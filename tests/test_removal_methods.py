@@ -21,7 +21,7 @@ from tbar_guard.evaluate import evaluate
 from tbar_guard.exit_codes import ExitCode
 from tbar_guard.pipeline import sanitize
 from tbar_guard.policy import DEFAULT_POLICY_YAML, policy_from_dict
-from tbar_guard.sanitize import build_forget_set, forget_indices, learn_trigger_vector
+from tbar_guard.sanitize import build_forget_set, for_inverted_trigger, forget_indices, learn_trigger_vector
 
 FORGET = 300
 
@@ -103,3 +103,13 @@ def test_policy_lists_the_methods_and_validates_their_options() -> None:
     assert paths == {"sanitize.method", "sanitize.unlearn.anchor_weight"}
     assert any("'unlearn', 'anchored' or 'tbar'" in p for p in err.value.problems)
     assert "method: " in DEFAULT_POLICY_YAML and "unlearn:" in DEFAULT_POLICY_YAML
+
+
+def test_an_inverted_trigger_runs_the_agnostic_method() -> None:
+    mine = policy_from_dict({"seed": 3, "sanitize": {"method": "unlearn", "agnostic_method": "anchored"}})
+    inverted = for_inverted_trigger(mine)
+    assert inverted.sanitize.method == "anchored"
+    assert inverted.seed == 3 and inverted.sanitize.forget_size == mine.sanitize.forget_size
+    assert mine.sanitize.method == "unlearn", "the user's policy object is not changed"
+    same = policy_from_dict({"sanitize": {"method": "tbar", "agnostic_method": None}})
+    assert for_inverted_trigger(same) is same
