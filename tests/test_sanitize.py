@@ -23,7 +23,7 @@ from tbar_guard.evaluate import evaluate
 from tbar_guard.exit_codes import ExitCode
 from tbar_guard.pipeline import RunResult, sanitize
 from tbar_guard.policy import AcceptPolicy, AlphaPolicy, Policy, policy_from_dict
-from tbar_guard.sanitize import _grid, search_alpha
+from tbar_guard.sanitize import SweepPoint, _grid, choose_best, search_alpha
 
 # plain removal costs more than 5% CA on the tiny model; the evidence (re-emergence, ξ) made cheap
 EVIDENCE = {"reemergence": {"images": 200, "epochs": 2}, "disentanglement": {"images": 200}}
@@ -125,9 +125,11 @@ def test_report_alpha_sweep(removed: RunResult) -> None:
         assert p["feasible"] == (p["clean_accuracy"] >= 0.85 * r["val_before"]["clean_accuracy"] - 1e-12)
     chosen = next(p for p in sweep if p["alpha"] == r["alpha"])
     assert chosen["feasible"] and chosen["attack_success_rate"] <= 0.05
-    # the chosen α has the lowest ASR among feasible points, ties to the smaller α
-    best = min((p for p in sweep if p["feasible"]), key=lambda p: (p["attack_success_rate"], p["alpha"]))
-    assert best == chosen
+    # the chosen α: the highest CA among feasible points within asr_tolerance (0.01) of the lowest ASR
+    feasible = [p for p in sweep if p["feasible"]]
+    lowest = min(p["attack_success_rate"] for p in feasible)
+    near = [p for p in feasible if p["attack_success_rate"] <= min(lowest + 0.01, 0.05) + 1e-12]
+    assert chosen == max(near, key=lambda p: (p["clean_accuracy"], -p["alpha"]))
     # α = 0 is the unmodified victim on the validation split
     assert sweep[0]["clean_accuracy"] == pytest.approx(r["val_before"]["clean_accuracy"])
     assert sweep[0]["attack_success_rate"] == pytest.approx(r["val_before"]["attack_success_rate"])
@@ -303,7 +305,7 @@ class Curve:
 
 
 ACCEPT = AcceptPolicy(ca_floor=0.9, asr_ceiling=0.05)
-ALPHA = AlphaPolicy()  # 0..6, coarse 0.5, fine 0.1
+ALPHA = AlphaPolicy(asr_tolerance=0.0)  # 0..6, coarse 0.5, fine 0.1, the strict lowest-ASR rule
 
 
 def _linear(start: float, slope: float) -> Callable[[float], float]:
@@ -430,3 +432,27 @@ def test_best_ca_selection_keeps_the_most_clean_accuracy_under_the_ceiling() -> 
     assert best.alpha == 1.8
     assert best.point.clean_accuracy > lowest.point.clean_accuracy
     assert {1.6, 1.7, 1.8, 1.9} <= set(curve.calls)
+
+
+def test_asr_tolerance_keeps_clean_accuracy_near_the_lowest_asr() -> None:
+    # ASR 0.015 at α = 1 falling to 0.005 at α ≥ 2; CA falls all the way. The strict rule spends CA on a
+    # point of ASR; with the default tolerance 0.01 the highest-CA α within 0.01 of the lowest ASR wins.
+    def asr(a: float) -> float:
+        return 0.9 if a < 1 else max(0.005, 0.015 - 0.01 * (a - 1))
+
+    strict = search_alpha(Curve(_linear(0.8, -0.02), asr), 0.8, ACCEPT, ALPHA)
+    assert strict.point.attack_success_rate == pytest.approx(0.005) and strict.alpha == 2.0
+    curve = Curve(_linear(0.8, -0.02), asr)
+    tolerant = search_alpha(curve, 0.8, ACCEPT, AlphaPolicy())
+    assert AlphaPolicy().asr_tolerance == 0.01
+    assert tolerant.alpha == 1.0 and tolerant.point.clean_accuracy > strict.point.clean_accuracy
+    assert tolerant.point.attack_success_rate <= strict.point.attack_success_rate + 0.01
+    assert {0.6, 0.7, 0.8, 0.9} <= set(curve.calls), "refined below the choice, where more CA may qualify"
+
+
+def test_asr_tolerance_never_crosses_the_ceiling() -> None:
+    # the lowest ASR (0.045) is under the 0.05 ceiling; a point at 0.052 is within the tolerance but not chosen
+    points = [SweepPoint(0.5, 0.79, 0.052, True), SweepPoint(1.0, 0.75, 0.045, True)]
+    assert choose_best(points, "lowest-asr", 0.05, 0.01) == points[1]
+    assert choose_best(points, "lowest-asr", 0.05, 0.0) == points[1]
+    assert choose_best([SweepPoint(0.5, 0.8, 0.2, False)], "lowest-asr", 0.05, 0.01) is None
