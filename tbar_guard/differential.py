@@ -239,8 +239,8 @@ class BlendConfig:
     pattern_cells: int = 0
     strength_weight: float = 5.0  # weight of a_k in the loss
     reference_weight: float = 1.0  # weight of KL(reference on clean || reference on stamped)
-    z_threshold: float = -2.5
-    ratio: float = 0.5  # also flag when the smallest a_k is below this fraction of the median (0: off)
+    z_threshold: float | None = None  # flag when the smallest a_k has a robust z-score below this (None: off)
+    ratio: float = 0.7  # flag when the smallest a_k is below this fraction of the median (0: off)
     targets_per_chunk: int = 10
     seed: int = 0
     max_seconds: float | None = None
@@ -253,19 +253,25 @@ def _patterns(raw: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def decide(
-    per_target: tuple[TargetTrigger, ...], z_threshold: float, ratio_threshold: float, what: str
+    per_target: tuple[TargetTrigger, ...], z_threshold: float | None, ratio_threshold: float, what: str
 ) -> tuple[int, float, float, bool, str]:
     """(best class, median score, robust z, flagged, explanation): the smallest per-class score is
-    anomalous when its robust z-score is below ``z_threshold`` or it is below ``ratio_threshold`` × the median."""
+    anomalous when its robust z-score is below ``z_threshold`` (None: never) or it is below
+    ``ratio_threshold`` × the median (0: never)."""
     scores = torch.tensor([t.area for t in per_target])
     best = int(scores.argmin())
     median, z = robust_z(scores, best)
     ratio = per_target[best].area / max(median, 1e-12)
-    by_z = z < z_threshold
+    by_z = z_threshold is not None and z < z_threshold
     by_ratio = ratio < ratio_threshold
+    z_part = (
+        f"robust z {z:.2f}, not a criterion"
+        if z_threshold is None
+        else f"robust z {z:.2f} {'<' if by_z else '>='} {z_threshold}"
+    )
     explanation = (
         f"class {best} needs a {what} of {100 * per_target[best].area:.1f}% vs a median of {100 * median:.1f}% "
-        f"over {len(per_target)} classes (robust z {z:.2f} {'<' if by_z else '>='} {z_threshold}; "
+        f"over {len(per_target)} classes ({z_part}; "
         f"{ratio:.2f} x the median {'<' if by_ratio else '>='} {ratio_threshold:g})"
     )
     return best, median, z, by_z or by_ratio, explanation

@@ -133,7 +133,7 @@ def run_differential(
     return deciding, results
 
 
-def _family_json(r: DifferentialResult, z_threshold: float, ratio_threshold: float) -> dict[str, Any]:
+def _family_json(r: DifferentialResult, z_threshold: float | None, ratio_threshold: float) -> dict[str, Any]:
     return {
         "flagged": r.flagged,
         "target": r.target,
@@ -247,7 +247,10 @@ def run_scan(
             )
         )
         o = d.differential
-        thresholds = {"mask": (o.z_threshold, o.area_ratio), "blend": (o.blend.z_threshold, o.blend.ratio)}
+        thresholds: dict[str, tuple[float | None, float]] = {
+            "mask": (o.z_threshold, o.area_ratio),
+            "blend": (o.blend.z_threshold, o.blend.ratio),
+        }
         details = {
             "family": result.family,
             "z_score": result.z,
