@@ -39,8 +39,18 @@ BASELINES = ("clean-ft-1x", "clean-ft-10x", "grad-ascent", "cleanclip")
 # the task's base model). A record keeps every family's own decision, so one scan with the families
 # [mask, blend] also gives the mask-only and blend-only rules (each family is computed from its own
 # seeded generator, identically whether or not the other family runs).
+# The rules are spelled out (not left to the product defaults) so that the record key changes with them.
 SCANS: dict[str, dict[str, Any]] = {
-    "scan-differential-blend": {"detect": {"differential": {"families": ["mask", "blend"]}}},
+    "scan-differential-blend": {
+        "detect": {
+            "differential": {
+                "families": ["mask", "blend"],
+                "z_threshold": -2.5,
+                "area_ratio": 0.5,
+                "blend": {"pattern_cells": 0, "strength_weight": 5.0, "z_threshold": None, "ratio": 0.7},
+            }
+        }
+    },
 }
 DETECTORS = ("tbar-agnostic", "decree", *SCANS)
 ALL_DEFENCES = KNOWN + DETECTORS + BASELINES
