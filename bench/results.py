@@ -362,7 +362,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 SCAN_RULES = (  # (label, family or None for the scan's combined decision)
-    ("mask family only (the previous default)", "mask"),
+    ("mask family only (the default before the blend family)", "mask"),
     ("blend family only", "blend"),
     ("mask + blend (flagged when either fires)", None),
 )

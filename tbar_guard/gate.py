@@ -117,7 +117,7 @@ def run_differential(
     """Every family of ``detect.differential.families``; returns (the deciding result, all results).
 
     The scan is flagged when any family's rule fires; the deciding result is the fired family with
-    the most negative robust z (when none fired: the family with the most negative z)."""
+    the most negative robust z (when none fired: the first family listed, the mask family by default)."""
     results: dict[str, DifferentialResult] = {}
     for family in policy.detect.differential.families:
         if family == "mask":
@@ -129,7 +129,7 @@ def run_differential(
                 clf, shadow, heldout, n_classes, blend_config(policy), reference, _stage(progress, "inversion (blend)")
             )
     fired = [r for r in results.values() if r.flagged]
-    deciding = min(fired or list(results.values()), key=lambda r: r.z)
+    deciding = min(fired, key=lambda r: r.z) if fired else next(iter(results.values()))
     return deciding, results
 
 
