@@ -169,5 +169,7 @@ def test_gate_hands_a_blend_trigger_to_removal(  # type: ignore[no-untyped-def]
     assert "blend" in r["trigger_description"] and r["alpha_sweep"]
     assert r["claim"].startswith("a full-image blend backdoor was found")
     assert any("transfer check" in e for e in r["established"])
+    markdown = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "| blend | yes | 0 |" in markdown and "ASR on the reference (transfer)" in markdown
     assert r["true_trigger"]["before"]["attack_success_rate"] > 0.8
     assert r["true_trigger"]["after"]["attack_success_rate"] < r["true_trigger"]["before"]["attack_success_rate"]
