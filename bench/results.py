@@ -386,16 +386,20 @@ def scan_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> li
     ok_attacks = {v["name"] for v in victims if v["attack"] and not v["failed_attack"]}
     failed = {v["name"] for v in victims if v["failed_attack"]}
     attacks = sorted({r["attack"] for r in recs if r["attack"] and r["victim"] in ok_attacks})
+    tasks = sorted({r["task"] for r in recs if r["defence"] in scans})
     lines = [
         "One scan per model with the families [mask, blend]; each family's rule (robust z of the smallest per-class "
         "score below its threshold, or below a fraction of the median) is read from the same record. Positives: "
         "working attacks (ASR ≥ 90%); negatives: clean controls; 'target right' over the flagged positives; "
-        "'s' = seconds of that family's inversion (combined: the whole scan) per model, mean over all models.",
+        "'s' = seconds of that family's inversion (combined: the whole scan) per model, mean per task. Each attack "
+        "cell is `TPR; target right among the flagged`.",
         "",
         "| configuration | rule | "
-        + " | ".join(f"TPR {a}" for a in attacks)
-        + " | TPR all | FPR | target right | flagged failed attacks | s per model |",
-        "|---|---|" + "---|" * (len(attacks) + 5),
+        + " | ".join(f"{a}: TPR; target" for a in attacks)
+        + " | TPR all | FPR | target right | flagged failed attacks | "
+        + " | ".join(f"s per model ({t})" for t in tasks)
+        + " |",
+        "|---|---|" + "---|" * (len(attacks) + 4 + len(tasks)),
     ]
     for defence in scans:
         rs = [r for r in recs if r["defence"] == defence]
@@ -406,16 +410,16 @@ def scan_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> li
                 continue
             row = f"| {defence} | {label} |"
             for a in attacks:
-                row += f" {_rate([d[0] for r, d in got if r['attack'] == a and r['victim'] in ok_attacks])} |"
+                hits = [d for r, d in got if r["attack"] == a and r["victim"] in ok_attacks]
+                row += f" {_rate([d[0] for d in hits])}; {_rate([bool(d[1]) for d in hits if d[0]])} |"
             pos = [d[0] for r, d in got if r["victim"] in ok_attacks]
             neg = [d[0] for r, d in got if r["attack"] is None]
             tgt = [bool(d[1]) for r, d in got if r["victim"] in ok_attacks and d[0]]
             fl = [d[0] for r, d in got if r["victim"] in failed]
-            secs = _mean(d[2] for r, d in got)
-            row += (
-                f" {_rate(pos)} | {_rate(neg)} | {_rate(tgt)} | {_rate(fl)} | "
-                f"{'–' if secs is None else f'{secs:.0f}'} |"
-            )
+            row += f" {_rate(pos)} | {_rate(neg)} | {_rate(tgt)} | {_rate(fl)} |"
+            for t in tasks:
+                secs = _mean(d[2] for r, d in got if r["task"] == t)
+                row += f" {'–' if secs is None else f'{secs:.0f}'} |"
             lines.append(row)
     lines += [
         "",
