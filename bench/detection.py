@@ -6,10 +6,11 @@ Usage (from the repository root, ../shared/data present):
 Per seed: the tiny MNIST CLIP foundation (also the clean reference), victims for BadNet, Blended,
 WaNet and SIG (target 0, as in bench/known_trigger.py) and two clean fine-tunes (controls, seeds
 100+seed and 200+seed). Every model is scanned with
-  - differential, reference = the foundation (the default policy + reference_models);
+  - differential, reference = the foundation (the default policy + reference_models), with the trigger
+    families of --families (default: mask and blend; each family's own decision is reported too);
   - decree, calibrated against the foundation's PL1 (one reference), and the paper rule (PL1 < 0.1);
-then each victim goes through `gate` (inverted trigger → TBAR, anchored) and the report gives
-CA/ASR before/after under the inverted trigger and under the true trigger (audit only).
+then each victim goes through `gate` (inverted trigger → TBAR, anchored; skipped with --no-gate) and the
+report gives CA/ASR before/after under the inverted trigger and under the true trigger (audit only).
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/detection.md"))
     parser.add_argument("--work", type=Path, default=Path("bench/cache/detection"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--families", nargs="+", default=["mask", "blend"], help="detect.differential.families")
+    parser.add_argument("--no-gate", action="store_true", help="scan only (no removal)")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     train, test = mnist("train"), mnist("test")
     if args.work.exists():
         shutil.rmtree(args.work)
@@ -72,7 +76,10 @@ def main() -> None:
         for label, path, attack in models:
             row: dict[str, object] = {"seed": seed, "model": label}
             for method in ("differential", "decree"):
-                policy = policy_from_dict({"seed": seed, "detect": {"method": method, "reference_models": [str(base)]}})
+                detect: dict[str, object] = {"method": method, "reference_models": [str(base)]}
+                if method == "differential":
+                    detect["differential"] = {"families": list(args.families)}
+                policy = policy_from_dict({"seed": seed, "detect": detect})
                 t0 = time.perf_counter()
                 result = scan(path, data, policy, path.parent / f"{path.name}-scan-{method}")
                 det = result.report["detection"]
@@ -83,17 +90,31 @@ def main() -> None:
                 row[f"{method}_seconds"] = time.perf_counter() - t0
                 if method == "differential":
                     row["z"] = det["z_score"]
+                    row["family"] = det["family"]
+                    row["families"] = {
+                        name: {
+                            "flag": f["flagged"],
+                            "target": f["target"],
+                            "z": f["z_score"],
+                            "score": f["score"],
+                            "ratio": f["ratio"],
+                            "asr": f["target_asr"],
+                            "ref_asr": f["target_reference_asr"],
+                            "s": f["seconds"],
+                        }
+                        for name, f in det["families"].items()
+                    }
                 else:
                     row["decree_ref"] = det["reference_pl1"][0]
                     row["paper_flag"] = det["pl1"] < 0.1
             scans.append(row)
             print(row, flush=True)
-            if attack is not None:
+            if attack is not None and not args.no_gate:
                 spec = parse_trigger(attack)
                 policy = policy_from_dict(
                     {
                         "seed": seed,
-                        "detect": {"reference_models": [str(base)]},
+                        "detect": {"reference_models": [str(base)], "differential": {"families": list(args.families)}},
                         "trigger": spec_to_dict(spec),
                         "target": "0",
                     }
@@ -130,7 +151,9 @@ def write(args: argparse.Namespace, scans: list[dict[str, object]], gates: list[
     lines = [
         "# Agnostic detection and gate (tiny ViT CLIP, MNIST; reference = the clean foundation)",
         "",
-        f"Command: `.venv/bin/python bench/detection.py --seeds {' '.join(map(str, args.seeds))}` (2-core CPU). "
+        f"Command: `.venv/bin/python bench/detection.py --seeds {' '.join(map(str, args.seeds))} "
+        f"--families {' '.join(args.families)}{' --no-gate' if args.no_gate else ''} --threads {args.threads}` "
+        "(2-core CPU). "
         "Target of every attack is class 0. 'flag' = the method's decision; PL1 = mask area fraction; "
         "z = robust z-score of the smallest per-class mask (differential flags z < −2.5); DECREE calibrated "
         "flags PL1 < 0.5 × reference PL1, the paper rule PL1 < 0.1.",
@@ -145,6 +168,34 @@ def write(args: argparse.Namespace, scans: list[dict[str, object]], gates: list[
             f"{float(r['differential_seconds']):.0f} | {float(r['decree_pl1']):.3f} | {float(r['decree_ref']):.3f} | "  # type: ignore[arg-type]
             f"{r['decree_flag']} | {r['paper_flag']} | {r['decree_target']} | {_p(r['decree_proxy'])} | "
             f"{float(r['decree_seconds']):.0f} |"  # type: ignore[arg-type]
+        )
+    lines += [
+        "",
+        f"## Differential per family (families {', '.join(args.families)}; reference = the foundation)",
+        "",
+        "Each family's own rule: flag / robust z of the smallest per-class score / the score (mask: area fraction; "
+        "blend: strength a of (1 − a)·x + a·p) / its ratio to the median / class / held-out share sent to it on the "
+        "candidate → on the clean reference (transfer check) / seconds. The scan is flagged when any family fires.",
+        "",
+        "| seed | model | "
+        + " | ".join(f"{f}: flag / z / score / ratio / class / ASR → ref / s" for f in args.families)
+        + " | scan: flag / family / target |",
+        "|---|---|" + "---|" * (len(args.families) + 1),
+    ]
+    for r in scans:
+        fams = r["families"]
+        assert isinstance(fams, dict)
+        cells = []
+        for f in args.families:
+            d = fams[f]
+            cells.append(
+                f"{d['flag']} / {d['z']:.2f} / {d['score']:.3f} / {d['ratio']:.2f} / {d['target']} / "
+                f"{_p(d['asr'])} → {_p(d['ref_asr'])} / {d['s']:.0f}"
+            )
+        lines.append(
+            f"| {r['seed']} | {r['model']} | "
+            + " | ".join(cells)
+            + f" | {r['differential_flag']} / {r['family']} / {r['differential_target']} |"
         )
     lines += [
         "",

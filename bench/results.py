@@ -164,6 +164,9 @@ def write_markdown(results: dict[str, Any], out: Path, command: str) -> Path:
 
     # ---- detection --------------------------------------------------------------------------
     lines += ["", "## Detection", "", *detection_tables(recs, victims)]
+    scan_lines = scan_tables(recs, victims)
+    if scan_lines:
+        lines += ["", "## Detector configurations (scan only, reference = the task's base model)", "", *scan_lines]
 
     # ---- disentanglement ----------------------------------------------------------------------
     xi_rows = []
@@ -450,3 +453,94 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+SCAN_RULES = (  # (label, family or None for the scan's combined decision)
+    ("mask family only (the default before the blend family)", "mask"),
+    ("blend family only", "blend"),
+    ("mask + blend (flagged when either fires)", None),
+)
+
+
+def _decision(r: dict[str, Any], family: str | None) -> tuple[bool, bool | None, float | None] | None:
+    """(flagged, target right, seconds) of one scan record under one rule; None when the family was not run."""
+    if family is None:
+        return bool(r["flagged"]), r.get("target_correct"), r.get("scan_seconds")
+    f = (r.get("families") or {}).get(family)
+    if f is None:
+        return None
+    return bool(f["flagged"]), f.get("target_correct"), f.get("seconds")
+
+
+def scan_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> list[str]:
+    """Per scan-only detector configuration and rule: TPR per attack, FPR, target accuracy, seconds."""
+    scans = sorted({r["defence"] for r in recs if r["defence"].startswith("scan-")})
+    if not scans:
+        return []
+    ok_attacks = {v["name"] for v in victims if v["attack"] and not v["failed_attack"]}
+    failed = {v["name"] for v in victims if v["failed_attack"]}
+    attacks = sorted({r["attack"] for r in recs if r["attack"] and r["victim"] in ok_attacks})
+    tasks = sorted({r["task"] for r in recs if r["defence"] in scans})
+    lines = [
+        "One scan per model with the families [mask, blend]; each family's rule (robust z of the smallest per-class "
+        "score below its threshold, or below a fraction of the median) is read from the same record. Positives: "
+        "working attacks (ASR ≥ 90%); negatives: clean controls; 'target right' over the flagged positives; "
+        "'s' = seconds of that family's inversion (combined: the whole scan) per model, mean per task. Each attack "
+        "cell is `TPR; target right among the flagged`.",
+        "",
+        "| configuration | rule | "
+        + " | ".join(f"{a}: TPR; target" for a in attacks)
+        + " | TPR all | FPR | target right | flagged failed attacks | "
+        + " | ".join(f"s per model ({t})" for t in tasks)
+        + " |",
+        "|---|---|" + "---|" * (len(attacks) + 4 + len(tasks)),
+    ]
+    for defence in scans:
+        rs = [r for r in recs if r["defence"] == defence]
+        for label, family in SCAN_RULES:
+            ds = [(r, _decision(r, family)) for r in rs]
+            got = [(r, d) for r, d in ds if d is not None]
+            if not got:
+                continue
+            row = f"| {defence} | {label} |"
+            for a in attacks:
+                hits = [d for r, d in got if r["attack"] == a and r["victim"] in ok_attacks]
+                row += f" {_rate([d[0] for d in hits])}; {_rate([bool(d[1]) for d in hits if d[0]])} |"
+            pos = [d[0] for r, d in got if r["victim"] in ok_attacks]
+            neg = [d[0] for r, d in got if r["attack"] is None]
+            tgt = [bool(d[1]) for r, d in got if r["victim"] in ok_attacks and d[0]]
+            fl = [d[0] for r, d in got if r["victim"] in failed]
+            row += f" {_rate(pos)} | {_rate(neg)} | {_rate(tgt)} | {_rate(fl)} |"
+            for t in tasks:
+                secs = _mean(d[2] for r, d in got if r["task"] == t)
+                row += f" {'–' if secs is None else f'{secs:.0f}'} |"
+            lines.append(row)
+    lines += [
+        "",
+        "Per model: each family's flag / robust z / score (mask: area fraction; blend: strength a) / ratio to the "
+        "median / inferred class / held-out share sent there on the victim → on the clean reference (transfer "
+        "check); the scan's target (mode of predictions under the deciding family's trigger) and seconds.",
+        "",
+        "| configuration | model | true target | mask: flag / z / score / ratio / class / ASR → ref | "
+        "blend: flag / z / score / ratio / class / ASR → ref | scan: flagged / family / target / s |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def fam(r: dict[str, Any], name: str) -> str:
+        f = (r.get("families") or {}).get(name)
+        if f is None:
+            return "–"
+        ref = f.get("target_reference_asr")
+        return (
+            f"{f['flagged']} / {f['z']:.2f} / {f['score']:.3f} / {f['ratio']:.2f} / {f['target']} / "
+            f"{pct(f['target_asr'])} → {pct(ref)}"
+        )
+
+    for r in sorted((r for r in recs if r["defence"] in scans), key=lambda r: (r["defence"], r["victim"])):
+        target = "–" if r["attack"] is None else r["target"]
+        tag = " (failed attack)" if r["victim"] in failed else ""
+        lines.append(
+            f"| {r['defence']} | {r['victim']}{tag} | {target} | {fam(r, 'mask')} | {fam(r, 'blend')} | "
+            f"{r['flagged']} / {r.get('family')} / {r['detected_target']} / {r.get('scan_seconds', 0):.0f} |"
+        )
+    return lines

@@ -38,7 +38,24 @@ KNOWN_METHODS = {"tbar-known": "anchored", "tbar-plain-known": "tbar", "tbar-unl
 AGNOSTIC_METHODS = {"tbar-agnostic": "anchored", "tbar-unlearn-agnostic": "unlearn"}
 KNOWN = tuple(KNOWN_METHODS)
 BASELINES = ("clean-ft-1x", "clean-ft-10x", "grad-ascent", "cleanclip")
-SCAN_ONLY = ("decree",)  # detectors that only scan (no removal): run on failed attacks too
+# Scan-only detector configurations: defence name -> the policy additions of its scan (reference =
+# the task's base model). A record keeps every family's own decision, so one scan with the families
+# [mask, blend] also gives the mask-only and blend-only rules (each family is computed from its own
+# seeded generator, identically whether or not the other family runs).
+# The rules are spelled out (not left to the product defaults) so that the record key changes with them.
+SCANS: dict[str, dict[str, Any]] = {
+    "scan-differential-blend": {
+        "detect": {
+            "differential": {
+                "families": ["mask", "blend"],
+                "z_threshold": -2.5,
+                "area_ratio": 0.5,
+                "blend": {"pattern_cells": 0, "strength_weight": 5.0, "z_threshold": None, "ratio": 0.7},
+            }
+        }
+    },
+}
+SCAN_ONLY = ("decree", *SCANS)  # detectors that only scan (no removal): run on failed attacks too
 DETECTORS = (*AGNOSTIC_METHODS, *SCAN_ONLY)
 ALL_DEFENCES = KNOWN + DETECTORS + BASELINES
 
@@ -239,6 +256,8 @@ class Runner:
                 rec["asr_inverted_after"] = r["after"]["attack_success_rate"]
                 rec["verdict"] = r["verdict"]
             return rec
+        if defence in SCANS:
+            return self.scan_record(v, vdir, ctx, defence, out)
         if defence == "decree":
             r = scan(vdir, ctx.data_npz, self.decree_policy(), out).report
             det = r["detection"]
@@ -259,6 +278,38 @@ class Runner:
                 "scan_seconds": det["seconds"],
             }
         return self.baseline(v, vdir, ctx, defence)
+
+    def scan_record(self, v: VictimSpec, vdir: Path, ctx: TaskContext, defence: str, out: Path) -> dict[str, Any]:
+        """Scan only (no removal) with one detector configuration of ``SCANS``; reference = the base model."""
+        extra = _deep_update({"detect": {"reference_models": [str(ctx.base_dir)]}}, SCANS[defence])
+        r = scan(vdir, ctx.data_npz, self.policy(extra), out).report
+        det = r["detection"]
+        families = {
+            name: {
+                "flagged": bool(f["flagged"]),
+                "target": f["target"],
+                "target_correct": f["target"] == v.target if v.attack else None,
+                "z": f["z_score"],
+                "score": f["score"],
+                "median_score": f["median_score"],
+                "ratio": f["ratio"],
+                "target_asr": f["target_asr"],
+                "target_reference_asr": f["target_reference_asr"],
+                "seconds": f["seconds"],
+            }
+            for name, f in det.get("families", {}).items()
+        }
+        return {
+            "flagged": bool(det["flagged"]),
+            "family": det.get("family"),
+            "detected_target": det["target_index"],
+            "target_correct": det["target_index"] == v.target if v.attack else None,
+            "proxy_asr": det["proxy_asr"],
+            "score": det.get("z_score"),
+            "area": det["pl1"],
+            "families": families,
+            "scan_seconds": det["seconds"],
+        }
 
     def baseline(self, v: VictimSpec, vdir: Path, ctx: TaskContext, defence: str) -> dict[str, Any]:
         assert v.attack is not None
@@ -422,7 +473,7 @@ def machine() -> dict[str, Any]:
 
 def record_path(cache: Path, spec: ZooSpec, v: VictimSpec, defence: str) -> Path:
     """Where the record of ``v`` x ``defence`` is cached: keyed by everything that decides it."""
-    key = key_of([spec.victim_key(v), defence, spec.policy, spec.baselines.get(defence)])
+    key = key_of([spec.victim_key(v), defence, spec.policy, spec.baselines.get(defence) or SCANS.get(defence)])
     return cache / "records" / f"{v.name}-{defence}-{key}.json"
 
 

@@ -77,6 +77,7 @@ class DifferentialResult:
     explanation: str
     steps: int
     seconds: float
+    family: str = "mask"  # which trigger family produced this result ("mask" or "blend")
 
 
 def _freeze(module: nn.Module) -> list[bool]:
@@ -221,4 +222,171 @@ def invert_per_target(
         explanation,
         done,
         time.perf_counter() - t0,
+    )
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """The full-image blend family: ``x' = (1 − a_k)·x + a_k·p_k`` per class k.
+
+    a_k = sigmoid(raw) is one scalar per class (the score: the blend strength class k needs);
+    p_k = sigmoid(raw pattern) lives on a ``pattern_cells`` × ``pattern_cells`` grid, bilinearly
+    upsampled to the image (0: full resolution)."""
+
+    steps: int = 150
+    batch_size: int = 32
+    lr: float = 0.1
+    pattern_cells: int = 0
+    strength_weight: float = 5.0  # weight of a_k in the loss
+    reference_weight: float = 1.0  # weight of KL(reference on clean || reference on stamped)
+    z_threshold: float | None = None  # flag when the smallest a_k has a robust z-score below this (None: off)
+    ratio: float = 0.7  # flag when the smallest a_k is below this fraction of the median (0: off)
+    targets_per_chunk: int = 10
+    seed: int = 0
+    max_seconds: float | None = None
+
+
+def _patterns(raw: torch.Tensor, size: int) -> torch.Tensor:
+    if raw.shape[-1] == size:
+        return torch.sigmoid(raw)
+    return torch.sigmoid(F.interpolate(raw, size=(size, size), mode="bilinear", align_corners=False))
+
+
+def decide(
+    per_target: tuple[TargetTrigger, ...], z_threshold: float | None, ratio_threshold: float, what: str
+) -> tuple[int, float, float, bool, str]:
+    """(best class, median score, robust z, flagged, explanation): the smallest per-class score is
+    anomalous when its robust z-score is below ``z_threshold`` (None: never) or it is below
+    ``ratio_threshold`` × the median (0: never)."""
+    scores = torch.tensor([t.area for t in per_target])
+    best = int(scores.argmin())
+    median, z = robust_z(scores, best)
+    ratio = per_target[best].area / max(median, 1e-12)
+    by_z = z_threshold is not None and z < z_threshold
+    by_ratio = ratio < ratio_threshold
+    z_part = (
+        f"robust z {z:.2f}, not a criterion"
+        if z_threshold is None
+        else f"robust z {z:.2f} {'<' if by_z else '>='} {z_threshold}"
+    )
+    explanation = (
+        f"class {best} needs a {what} of {100 * per_target[best].area:.1f}% vs a median of {100 * median:.1f}% "
+        f"over {len(per_target)} classes ({z_part}; "
+        f"{ratio:.2f} x the median {'<' if by_ratio else '>='} {ratio_threshold:g})"
+    )
+    return best, median, z, by_z or by_ratio, explanation
+
+
+def invert_blend_per_target(
+    classify: nn.Module,
+    shadow: torch.Tensor,
+    heldout: torch.Tensor,
+    n_classes: int,
+    config: BlendConfig,
+    reference: nn.Module | None = None,
+    progress: Progress | None = None,
+) -> DifferentialResult:
+    """Search the weakest full-image blend ``(1 − a)·x + a·p`` that sends ``shadow`` to each class;
+    score it on ``heldout``. The result's mask is a_k everywhere and its pattern p_k, so the
+    inverted trigger is an ordinary mask + pattern trigger."""
+    if shadow.shape[0] < config.batch_size:
+        raise DataError(
+            f"{shadow.shape[0]} shadow images are fewer than the batch size {config.batch_size}",
+            hint="provide more clean images or lower detect.batch_size",
+        )
+    t0 = time.perf_counter()
+    device = next(classify.parameters()).device
+    size = int(shadow.shape[-1])
+    cells = config.pattern_cells or size
+    gen = torch.Generator().manual_seed(config.seed + 7919)  # independent of the mask family's draws
+    flags = _freeze(classify)
+    ref_flags = _freeze(reference) if reference is not None else []
+    was_training = classify.training
+    classify.eval()
+    if reference is not None:
+        reference.eval()
+    strengths: list[torch.Tensor] = []
+    patterns: list[torch.Tensor] = []
+    chunks = [
+        list(range(s, min(n_classes, s + config.targets_per_chunk)))
+        for s in range(0, n_classes, config.targets_per_chunk)
+    ]
+    total = config.steps * len(chunks)
+    done = 0
+    try:
+        with torch.no_grad():
+            ref_clean = (
+                torch.cat([F.softmax(reference(shadow[i : i + 256].to(device)), 1) for i in range(0, len(shadow), 256)])
+                if reference is not None
+                else None
+            )
+        for chunk in chunks:
+            k = len(chunk)
+            a_raw = (torch.rand(k, generator=gen) * 0.2 - 3).to(device)
+            p_raw = torch.randn(k, 3, cells, cells, generator=gen).to(device)
+            a_raw.requires_grad_(True)
+            p_raw.requires_grad_(True)
+            opt = torch.optim.Adam([a_raw, p_raw], lr=config.lr)
+            targets = torch.tensor(chunk, device=device).repeat_interleave(config.batch_size)
+            for _ in range(config.steps):
+                idx = torch.randint(0, shadow.shape[0], (config.batch_size,), generator=gen)
+                x = shadow[idx].to(device)
+                a = torch.sigmoid(a_raw).view(k, 1, 1, 1, 1)
+                pat = _patterns(p_raw, size)
+                stamped = ((1 - a) * x[None] + a * pat[:, None]).reshape(k * config.batch_size, 3, size, size)
+                ce = F.cross_entropy(classify(stamped), targets, reduction="none").view(k, -1).mean(1)
+                loss_k = ce + config.strength_weight * torch.sigmoid(a_raw)
+                if reference is not None and ref_clean is not None:
+                    log_ref = F.log_softmax(reference(stamped), 1)
+                    teacher = ref_clean[idx.to(device)].repeat(k, 1)
+                    kl = F.kl_div(log_ref, teacher, reduction="none").sum(1).view(k, -1).mean(1)
+                    loss_k = loss_k + config.reference_weight * kl
+                loss = loss_k.sum()
+                if not torch.isfinite(loss):
+                    raise RemovalError(f"trigger inversion loss became {loss.item()}", hint="the model may be broken")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                opt.step()
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+                if config.max_seconds is not None and time.perf_counter() - t0 > config.max_seconds:
+                    break
+            with torch.no_grad():
+                strengths.append(torch.sigmoid(a_raw).detach())
+                patterns.append(_patterns(p_raw, size).detach())
+        strength_all = torch.cat(strengths)  # [C]
+        pattern_all = torch.cat(patterns)  # [C, 3, H, W]
+        per_target = []
+        with torch.no_grad():
+            held = heldout.to(device)
+            for c in range(n_classes):
+                a_c = float(strength_all[c])
+                stamped = (1 - a_c) * held + a_c * pattern_all[c][None]
+                asr = float((classify(stamped).argmax(1) == c).float().mean())
+                ref_asr = (
+                    float((reference(stamped).argmax(1) == c).float().mean()) if reference is not None else math.nan
+                )
+                per_target.append(TargetTrigger(c, a_c, asr, ref_asr))
+    finally:
+        _restore(classify, flags)
+        classify.train(was_training)
+        if reference is not None:
+            _restore(reference, ref_flags)
+    pt = tuple(per_target)
+    best, median, z, flagged, explanation = decide(pt, config.z_threshold, config.ratio, "full-image blend strength")
+    a_best = float(strength_all[best])
+    return DifferentialResult(
+        pt,
+        best,
+        torch.full((size, size), a_best),
+        pattern_all[best].cpu(),
+        a_best,
+        median,
+        z,
+        flagged,
+        explanation,
+        done,
+        time.perf_counter() - t0,
+        "blend",
     )

@@ -11,6 +11,7 @@ and the inferred target, α chosen against the policy; when the policy names the
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,13 @@ from tbar_guard.attacks import Trigger, build_trigger, describe, spec_to_dict
 from tbar_guard.bundle import ClipBundle, atomic_directory, require_new_output, write_bundle_files
 from tbar_guard.clip import ZeroShotClassifier, classifier_for, full_state
 from tbar_guard.data import ImageSet, Splits
-from tbar_guard.differential import DifferentialConfig, invert_per_target
+from tbar_guard.differential import (
+    BlendConfig,
+    DifferentialConfig,
+    DifferentialResult,
+    invert_blend_per_target,
+    invert_per_target,
+)
 from tbar_guard.errors import DataError, UsageError
 from tbar_guard.exit_codes import ExitCode
 from tbar_guard.pipeline import VERDICT_EXIT, RunResult, prepare
@@ -46,6 +53,8 @@ class Scan:
     target: detect.TargetInference
     details: dict[str, Any]  # method-specific numbers for the report
     seconds: float
+    family: str = "mask"  # trigger family of the inverted trigger (differential: the one that fired most strongly)
+    searched: tuple[str, ...] = ("mask",)  # trigger families the scan searched
 
 
 def decree_config(policy: Policy) -> detect.InversionConfig:
@@ -74,6 +83,84 @@ def differential_config(policy: Policy) -> DifferentialConfig:
         seed=policy.seed,
         max_seconds=d.max_seconds,
     )
+
+
+def blend_config(policy: Policy) -> BlendConfig:
+    d = policy.detect
+    o = d.differential
+    return BlendConfig(
+        steps=o.steps,
+        batch_size=d.batch_size,
+        pattern_cells=o.blend.pattern_cells,
+        strength_weight=o.blend.strength_weight,
+        reference_weight=o.reference_weight,
+        z_threshold=o.blend.z_threshold,
+        ratio=o.blend.ratio,
+        targets_per_chunk=o.targets_per_chunk,
+        seed=policy.seed,
+        max_seconds=d.max_seconds,
+    )
+
+
+FAMILY_WORDS = {"mask": "small-mask", "blend": "full-image blend"}
+
+
+def run_differential(
+    clf: ZeroShotClassifier,
+    shadow: torch.Tensor,
+    heldout: torch.Tensor,
+    n_classes: int,
+    policy: Policy,
+    reference: ZeroShotClassifier | None,
+    progress: StageProgress | None = None,
+) -> tuple[DifferentialResult, dict[str, DifferentialResult]]:
+    """Every family of ``detect.differential.families``; returns (the deciding result, all results).
+
+    The scan is flagged when any family's rule fires; the deciding result is the fired family with
+    the most negative robust z (when none fired: the first family listed, the mask family by default)."""
+    results: dict[str, DifferentialResult] = {}
+    for family in policy.detect.differential.families:
+        if family == "mask":
+            results[family] = invert_per_target(
+                clf, shadow, heldout, n_classes, differential_config(policy), reference, _stage(progress, "inversion")
+            )
+        else:
+            results[family] = invert_blend_per_target(
+                clf, shadow, heldout, n_classes, blend_config(policy), reference, _stage(progress, "inversion (blend)")
+            )
+    fired = [r for r in results.values() if r.flagged]
+    deciding = min(fired, key=lambda r: r.z) if fired else next(iter(results.values()))
+    return deciding, results
+
+
+def _family_json(r: DifferentialResult, z_threshold: float | None, ratio_threshold: float) -> dict[str, Any]:
+    return {
+        "flagged": r.flagged,
+        "target": r.target,
+        "score": r.area,
+        "median_score": r.median_area,
+        "z_score": r.z,
+        "z_threshold": z_threshold,
+        "ratio": r.area / max(r.median_area, 1e-12),
+        "ratio_threshold": ratio_threshold,
+        "explanation": r.explanation,
+        "target_asr": r.per_target[r.target].asr,
+        # transfer check: the share the inverted trigger sends to the target on the clean reference
+        "target_reference_asr": None
+        if math.isnan(r.per_target[r.target].reference_asr)
+        else r.per_target[r.target].reference_asr,
+        "steps": r.steps,
+        "seconds": r.seconds,
+        "per_class": [
+            {
+                "index": t.target,
+                "score": t.area,
+                "asr": t.asr,
+                "reference_asr": None if math.isnan(t.reference_asr) else t.reference_asr,
+            }
+            for t in r.per_target
+        ],
+    }
 
 
 def _shadow(splits: Splits, d: DetectPolicy) -> torch.Tensor:
@@ -137,19 +224,20 @@ def run_scan(
     n_classes = int(clf.get_buffer("head").shape[0])
     _check_references(references, int(shadow.shape[-1]), n_classes)
     details: dict[str, Any]
+    family: str = "mask"  # decree: a small mask
+    searched: tuple[str, ...] = ("mask",)
     if d.method == "differential":
         ref_clf = classifier_for(references[0], device) if references else None
-        result = invert_per_target(
-            clf,
-            shadow,
-            splits.val.pixels(),
-            n_classes,
-            differential_config(policy),
-            ref_clf,
-            _stage(progress, "inversion"),
+        result, by_family = run_differential(clf, shadow, splits.val.pixels(), n_classes, policy, ref_clf, progress)
+        family, searched = result.family, tuple(by_family)
+        mask, pattern, pl1 = result.mask, result.pattern, result.area
+        flagged = any(r.flagged for r in by_family.values())
+        rule = "per-class anomaly"
+        explanation = (
+            "; ".join(f"{f}: {r.explanation}" for f, r in by_family.items())
+            if len(by_family) > 1
+            else result.explanation
         )
-        mask, pattern, pl1, flagged = result.mask, result.pattern, result.area, result.flagged
-        rule, explanation = "per-class anomaly", result.explanation
         note = (
             ""
             if references
@@ -158,11 +246,17 @@ def run_scan(
                 "architecture are not discounted, so clean models may be flagged"
             )
         )
+        o = d.differential
+        thresholds: dict[str, tuple[float | None, float]] = {
+            "mask": (o.z_threshold, o.area_ratio),
+            "blend": (o.blend.z_threshold, o.blend.ratio),
+        }
         details = {
+            "family": result.family,
             "z_score": result.z,
-            "z_threshold": d.differential.z_threshold,
+            "z_threshold": thresholds[result.family][0],
             "area_ratio": result.area / max(result.median_area, 1e-12),
-            "area_ratio_threshold": d.differential.area_ratio,
+            "area_ratio_threshold": thresholds[result.family][1],
             "median_area": result.median_area,
             "reference": references[0].source if references else None,
             "per_class": [
@@ -174,7 +268,8 @@ def run_scan(
                 }
                 for t in result.per_target
             ],
-            "steps": result.steps,
+            "steps": sum(r.steps for r in by_family.values()),
+            "families": {f: _family_json(r, *thresholds[f]) for f, r in by_family.items()},
         }
     else:
         inversion = _decree(clf, shadow, policy, device, _stage(progress, "inversion"))
@@ -212,7 +307,19 @@ def run_scan(
         classify, splits.val.pixels(), mask, pattern, min_proxy_asr=d.min_proxy_asr, min_lift=d.min_lift
     )
     return Scan(
-        d.method, flagged, rule, note, explanation, mask, pattern, pl1, target, details, time.perf_counter() - t0
+        d.method,
+        flagged,
+        rule,
+        note,
+        explanation,
+        mask,
+        pattern,
+        pl1,
+        target,
+        details,
+        time.perf_counter() - t0,
+        family,
+        searched,
     )
 
 
@@ -263,33 +370,68 @@ def write_pictures(
 NOT_CLEAN_CLAIM = "no small-mask trigger found; this does not establish that the model is clean"
 
 
+def searched_words(scan: Scan) -> str:
+    """The trigger families a scan searched, in words ("small-mask", "small-mask or full-image blend")."""
+    return " or ".join(FAMILY_WORDS[f] for f in scan.searched)
+
+
+def not_clean_claim(scan: Scan) -> str:
+    """The claim of a scan that found nothing; ``NOT_CLEAN_CLAIM`` when only small masks were searched."""
+    if scan.searched == ("mask",):
+        return NOT_CLEAN_CLAIM
+    return f"no {searched_words(scan)} trigger found; this does not establish that the model is clean"
+
+
+def _not_searched(scan: Scan) -> str:
+    if "blend" in scan.searched:
+        return (
+            "that the model is clean: warping (WaNet), input-specific and other non-blend triggers are not searched "
+            "for, and a blend or patch backdoor weaker than the clean classes' universal triggers is not anomalous"
+        )
+    return (
+        "that the model is clean: large-area, blended, warping (WaNet), frequency (SIG) and input-specific "
+        "triggers are not searched for and may be present"
+    )
+
+
 def claims(scan: Scan, verdict: str, names: tuple[str, ...]) -> dict[str, Any]:
     """What a scan/gate run did and did not establish, for the report (``claim``, ``established``,
-    ``not_established``). The detector searches small-mask (patch) triggers only; a verdict of
-    "clean" means none was found, never that the model is proven clean."""
+    ``not_established``). The detector searches the trigger families of ``scan.searched`` only
+    (small masks; with the blend family also full-image blends); a verdict of "clean" means none
+    was found, never that the model is proven clean."""
     tgt = scan.target
     established: list[str] = []
     not_established: list[str] = []
+    words = FAMILY_WORDS.get(scan.family, "small-mask")
     if not scan.flagged:
         established.append(
-            f"{scan.method} trigger inversion found no anomalously small mask trigger for any class ({scan.explanation})"
+            f"{scan.method} trigger inversion found no anomalously small {searched_words(scan)} trigger for any "
+            f"class ({scan.explanation})"
         )
-        not_established.append(
-            "that the model is clean: large-area, blended, warping (WaNet), frequency (SIG) and input-specific "
-            "triggers are not searched for and may be present"
-        )
-        claim = NOT_CLEAN_CLAIM
+        not_established.append(_not_searched(scan))
+        claim = not_clean_claim(scan)
     else:
+        size = (
+            f"blend strength {scan.pl1:.3f} over the whole image"
+            if scan.family == "blend"
+            else f"area {scan.pl1:.3f} of the image"
+        )
         established.append(
-            f"a small-mask trigger (area {scan.pl1:.3f} of the image) sends {100 * tgt.proxy_asr:.0f}% of stamped "
+            f"a {words} trigger ({size}) sends {100 * tgt.proxy_asr:.0f}% of stamped "
             f"held-out images to class {tgt.target} ({names[tgt.target]})"
         )
+        transfer = (scan.details.get("families") or {}).get(scan.family, {}).get("target_reference_asr")
+        if transfer is not None:
+            established.append(
+                f"transfer check: the same trigger sends {100 * transfer:.0f}% of those images to class {tgt.target} "
+                "on the clean reference model"
+            )
         not_established.append("that the inverted trigger is the attacker's trigger (it is a functional stand-in)")
         not_established.append("that no other trigger or target class is present")
         claim = {
-            "removed": "a small-mask backdoor was found and the inverted trigger was removed under the policy",
-            "unremoved": "a small-mask backdoor was found and could not be removed under the policy",
-        }.get(verdict, "a small-mask backdoor was found")
+            "removed": f"a {words} backdoor was found and the inverted trigger was removed under the policy",
+            "unremoved": f"a {words} backdoor was found and could not be removed under the policy",
+        }.get(verdict, f"a {words} backdoor was found")
     if scan.rule_note:
         not_established.append(f"calibration against a clean reference model: {scan.rule_note}")
     return {"claim": claim, "established": established, "not_established": not_established}
@@ -315,7 +457,7 @@ def scan(
     if result.flagged and not result.target.actionable:
         reason += f"; the inverted trigger is not actionable: {result.target.reason}"
     if not result.flagged:
-        reason += f"; {NOT_CLEAN_CLAIM} (large-area or warping triggers are not ruled out)"
+        reason += f"; {not_clean_claim(result)} (large-area or warping triggers are not ruled out)"
     report = base_report("scan", verdict, int(code), reason)
     report.update(
         {
@@ -363,7 +505,7 @@ def gate(
     removal = None
     if not result.flagged:
         verdict = "clean"
-        reason = f"{result.explanation}; {NOT_CLEAN_CLAIM} (large-area or warping triggers are not ruled out)"
+        reason = f"{result.explanation}; {not_clean_claim(result)} (large-area or warping triggers are not ruled out)"
     elif not result.target.actionable:
         verdict = "unremoved"
         reason = f"{result.explanation}; but the inverted trigger is not actionable: {result.target.reason}"
@@ -396,7 +538,9 @@ def gate(
     )
     if removal is not None:
         report.update(removal_json(removal))
-        report["trigger_description"] = f"inverted ({result.method} mask + pattern)"
+        report["trigger_description"] = (
+            f"inverted ({result.method}, {FAMILY_WORDS.get(result.family, result.family)} family: mask + pattern)"
+        )
     if audit is not None and policy.trigger is not None:
         report["true_trigger"] = {
             "trigger": spec_to_dict(policy.trigger),

@@ -122,7 +122,24 @@ class DecreePolicy(_Section):
     normalization: Literal["model", "imagenet"] = "model"
 
 
+DifferentialFamily = Literal["mask", "blend"]
+
+
+class BlendFamilyPolicy(_Section):
+    pattern_cells: int = Field(0, ge=0)
+    strength_weight: float = Field(5.0, gt=0)
+    z_threshold: float | None = Field(None, lt=0)
+    ratio: float = Field(0.7, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> BlendFamilyPolicy:
+        if self.z_threshold is None and self.ratio == 0:
+            raise ValueError("z_threshold is null and ratio is 0: the blend family could never flag anything")
+        return self
+
+
 class DifferentialPolicy(_Section):
+    families: tuple[DifferentialFamily, ...] = Field(("mask",), min_length=1)
     steps: int = Field(150, ge=1)
     mask_cells: int = Field(7, ge=1)
     area_weight: float = Field(5.0, gt=0)
@@ -130,6 +147,13 @@ class DifferentialPolicy(_Section):
     z_threshold: float = Field(-2.5, lt=0)
     area_ratio: float = Field(0.5, ge=0, lt=1)
     targets_per_chunk: int = Field(10, ge=1)
+    blend: BlendFamilyPolicy = BlendFamilyPolicy()
+
+    @model_validator(mode="after")
+    def _families_distinct(self) -> DifferentialPolicy:
+        if len(set(self.families)) != len(self.families):
+            raise ValueError(f"families {list(self.families)} name a family twice")
+        return self
 
 
 class DetectPolicy(_Section):
@@ -262,13 +286,24 @@ detect:                  # trigger inversion (scan, gate)
   min_proxy_asr: 0.5     # an inverted trigger is actionable when it sends >= this share to one class
   min_lift: 0.3          # ... and that share exceeds the class's share on clean images by this much
   differential:
-    steps: 150           # optimisation steps per chunk of classes
+    # Trigger families searched per class; flagged when any family's rule fires; the target and
+    # the trigger handed to removal come from the family with the most negative robust z.
+    #   mask:  a compact mask + pattern (patches: BadNet; also finds some blends)
+    #   blend: a full-image blend (1 - a) x + a p with one strength a per class (Blended, SIG);
+    #          opt-in: on the benchmark zoo it found nothing the mask family missed, at twice the time
+    families: [mask]     # one or more of: mask, blend
+    steps: 150           # optimisation steps per chunk of classes (each family)
     mask_cells: 7        # the mask is a 7x7 grid upsampled to the image (no scattered pixels)
     area_weight: 5.0     # weight of the mask area in the loss
-    reference_weight: 1.0  # weight of KL(reference on clean || reference on stamped)
+    reference_weight: 1.0  # weight of KL(reference on clean || reference on stamped) (both families)
     z_threshold: -2.5    # flag when the smallest per-class mask has a robust z-score below this
     area_ratio: 0.5      # ... or is smaller than this fraction of the median mask (0 = off)
-    targets_per_chunk: 10  # classes optimised together (memory vs speed)
+    targets_per_chunk: 10  # classes optimised together (memory vs speed; both families)
+    blend:               # options of the blend family (rule fixed on the MNIST development zoo)
+      pattern_cells: 0       # the pattern is a grid of this side upsampled to the image (0 = full resolution)
+      strength_weight: 5.0   # weight of the blend strength a in the loss
+      z_threshold: null      # flag when the smallest per-class strength has a robust z-score below this (null = off)
+      ratio: 0.7             # ... or is smaller than this fraction of the median strength (0 = off)
   decree:
     steps: 300           # optimisation steps (batches); the paper runs up to 1000 epochs
     rule: calibrated     # calibrated: compare PL1 with the references; paper: PL1 < paper_threshold

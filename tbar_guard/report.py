@@ -155,6 +155,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         for key, value in detection.items():
             if not isinstance(value, (dict, list)):
                 lines.append(f"- {key}: {value}")
+        lines += _families_md(detection.get("families"))
     pictures = {k: v for k, v in report.get("pictures", {}).items() if k != "alpha_sweep"}
     if pictures:
         lines += ["", "## Evidence pictures", ""] + [f"![{name}]({path})" for name, path in pictures.items()]
@@ -168,6 +169,26 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _families_md(families: Any) -> list[str]:
+    """The differential detector's per-family evidence: which family fired, the separation, the transfer check."""
+    if not isinstance(families, dict) or not families:
+        return []
+    lines = [
+        "",
+        "| trigger family | fired | class | score | median | score / median (threshold) | robust z (threshold) | "
+        "ASR on this model | ASR on the reference (transfer) | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, f in families.items():
+        z_t = "off" if f.get("z_threshold") is None else f"{f['z_threshold']:g}"
+        lines.append(
+            f"| {name} | {'yes' if f['flagged'] else 'no'} | {f['target']} | {f['score']:.3f} | {f['median_score']:.3f} | "
+            f"{f['ratio']:.2f} ({f['ratio_threshold']:g}) | {f['z_score']:.2f} ({z_t}) | {_pct(f['target_asr'])} | "
+            f"{_pct(f.get('target_reference_asr'))} | {f['seconds']:.0f} |"
+        )
+    return lines
 
 
 def _reemergence_md(report: Mapping[str, Any]) -> list[str]:

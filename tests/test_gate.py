@@ -49,6 +49,7 @@ def test_scan_flags_backdoor_and_infers_target(victim_scan) -> None:  # type: ig
     assert det["target_index"] == 0
     assert det["actionable"] is True
     assert det["proxy_asr"] > 0.5 > det["base_rate"]
+    assert det["family"] == "mask" and det["families"]["mask"]["flagged"]
     assert det["z_score"] < det["z_threshold"]
     areas = [c["area"] for c in det["per_class"]]
     assert det["pl1"] == min(areas) and areas.index(min(areas)) == 0
@@ -65,6 +66,8 @@ def test_clean_twin_not_flagged_with_reference(twin_scan, victim_scan) -> None: 
     # "clean" is never claimed as proven: the report says what was and was not established
     assert "this does not establish that the model is clean" in twin.report["reason"]
     assert twin.report["claim"] == "no small-mask trigger found; this does not establish that the model is clean"
+    assert set(twin.report["detection"]["families"]) == {"mask"}  # the default; blend is opt-in
+    assert twin.report["detection"]["family"] == "mask"
     assert any("that the model is clean" in item for item in twin.report["not_established"])
     assert victim.report["established"] and victim.report["not_established"]
     assert victim.report["detection"]["z_score"] < twin.report["detection"]["z_score"]

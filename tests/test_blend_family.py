@@ -1,0 +1,175 @@
+"""The blend trigger family of the differential detector on real tiny open_clip models.
+
+A SIG victim (the conftest foundation's image tower fine-tuned with 10% of its images carrying a
+horizontal sinusoid, relabelled to class 0) cannot be expressed by a compact mask; the blend family
+((1 − a)·x + a·p per class, score = the strength a) finds it with the right target, and the trigger
+it hands on is an ordinary mask + pattern trigger (mask = a everywhere).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tbar_guard.attacks import Trigger, build_trigger, parse_trigger
+from tbar_guard.bundle import ClipBundle, save_model
+from tbar_guard.clip import classifier_for
+from tbar_guard.data import ImageSet, split
+from tbar_guard.differential import BlendConfig, TargetTrigger, decide, invert_blend_per_target
+from tbar_guard.errors import PolicyError
+from tbar_guard.gate import blend_config, gate, run_differential
+from tbar_guard.policy import Policy, policy_from_dict
+from tbar_guard.zoo import finetune_victim
+
+TARGET = 0
+
+
+@pytest.fixture(scope="module")
+def splits(test_images: ImageSet):  # type: ignore[no-untyped-def]
+    return split(test_images, (0.4, 0.3, 0.3), 0)
+
+
+@pytest.fixture(scope="module")
+def sig_trigger() -> Trigger:
+    return build_trigger(parse_trigger("sig"), 28)
+
+
+@pytest.fixture(scope="module")
+def sig_victim(foundation: ClipBundle, train_images: ImageSet, sig_trigger: Trigger) -> ClipBundle:
+    return finetune_victim(foundation, train_images.subset(torch.arange(5000, 10000)), sig_trigger, TARGET, epochs=3)
+
+
+# --- policy ----------------------------------------------------------------------------------
+
+
+def test_families_default_and_selection() -> None:
+    assert Policy().detect.differential.families == ("mask",)
+    p = policy_from_dict({"detect": {"differential": {"families": ["blend"]}}})
+    assert p.detect.differential.families == ("blend",)
+
+
+@pytest.mark.parametrize(
+    ("families", "where"),
+    [
+        (["mask", "warp"], "detect.differential.families.1"),
+        ([], "detect.differential.families"),
+        (["blend", "blend"], "detect.differential"),
+        ("mask", "detect.differential.families"),
+    ],
+)
+def test_families_are_a_closed_set(families: object, where: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        policy_from_dict({"detect": {"differential": {"families": families}}})
+    assert any(p.startswith(where) for p in info.value.problems), info.value.problems
+
+
+def test_blend_options_are_validated() -> None:
+    with pytest.raises(PolicyError) as info:
+        policy_from_dict({"detect": {"differential": {"blend": {"pattern_cells": -1, "ratio": 1.5, "colour": 1}}}})
+    problems = " ".join(info.value.problems)
+    assert "detect.differential.blend.pattern_cells" in problems
+    assert "detect.differential.blend.ratio" in problems
+    assert "detect.differential.blend.colour" in problems
+
+
+# --- the decision rule -----------------------------------------------------------------------
+
+
+def _scores(values: list[float]) -> tuple[TargetTrigger, ...]:
+    return tuple(TargetTrigger(i, v, 0.9, 0.1) for i, v in enumerate(values))
+
+
+def test_decide_by_ratio_and_by_z() -> None:
+    spread = [0.20, 0.21, 0.19, 0.22, 0.20, 0.21, 0.19, 0.20, 0.22]
+    best, median, z, flagged, why = decide(_scores([0.09, *spread]), -99.0, 0.7, "blend strength")
+    assert (best, flagged) == (0, True) and median == pytest.approx(0.20) and "0.45 x the median <" in why
+    best, _, z, flagged, _ = decide(_scores([0.18, *spread]), -99.0, 0.7, "blend strength")
+    assert (best, flagged) == (0, False)
+    best, _, z, flagged, why = decide(_scores([*spread, 0.14]), -2.5, 0.0, "blend strength")
+    assert best == 9 and z < -2.5 and flagged and "robust z" in why
+
+
+# --- inversion on real tiny CLIPs ----------------------------------------------------------------
+
+
+def test_blend_trigger_is_a_mask_pattern_trigger(foundation: ClipBundle, splits) -> None:  # type: ignore[no-untyped-def]
+    clf = classifier_for(foundation)
+    shadow = splits.forget.pixels()[:32]
+    held = splits.val.pixels()[:64]
+    r = invert_blend_per_target(clf, shadow, held, 10, BlendConfig(steps=3, batch_size=8))
+    assert r.family == "blend" and r.steps == 3 and len(r.per_target) == 10
+    assert torch.all(r.mask == r.area) and 0 < r.area < 1 and r.area == min(t.area for t in r.per_target)
+    assert r.pattern.shape == (3, 28, 28) and float(r.pattern.min()) >= 0 and float(r.pattern.max()) <= 1
+    trig = Trigger.from_mask(r.mask, r.pattern)
+    x = held[:4]
+    expected = torch.round(((1 - r.area) * x + r.area * r.pattern).clamp(0, 1) * 255) / 255
+    assert torch.allclose(trig.apply(x), expected, atol=1e-6)
+    assert all(t.reference_asr != t.reference_asr for t in r.per_target)  # nan: no reference given
+    assert all(p.requires_grad for p in clf.parameters())  # the model is left as it was
+
+
+def test_mask_family_is_the_same_with_or_without_blend(
+    foundation: ClipBundle, badnet_victim: ClipBundle, splits
+) -> None:  # type: ignore[no-untyped-def]
+    clf, ref = classifier_for(badnet_victim), classifier_for(foundation)
+    shadow, held = splits.forget.pixels()[:64], splits.val.pixels()[:64]
+
+    def policy(families: list[str]) -> Policy:
+        return policy_from_dict({"detect": {"batch_size": 8, "differential": {"steps": 4, "families": families}}})
+
+    alone, by_alone = run_differential(clf, shadow, held, 10, policy(["mask"]), ref)
+    both, by_both = run_differential(clf, shadow, held, 10, policy(["mask", "blend"]), ref)
+    assert set(by_alone) == {"mask"} and set(by_both) == {"mask", "blend"}
+    assert [t.area for t in by_alone["mask"].per_target] == [t.area for t in by_both["mask"].per_target]
+    assert by_alone["mask"].z == by_both["mask"].z and torch.equal(by_alone["mask"].mask, by_both["mask"].mask)
+    assert alone.family == "mask" and both.family in ("mask", "blend")
+    fired = [r for r in by_both.values() if r.flagged]
+    if fired:  # the deciding family is the fired one with the most negative z
+        assert both.z == min(r.z for r in fired)
+
+
+@pytest.mark.slow
+def test_blend_family_finds_sig_with_the_right_target_and_not_the_twin(  # type: ignore[no-untyped-def]
+    foundation: ClipBundle, sig_victim: ClipBundle, clean_twin: ClipBundle, sig_trigger: Trigger, splits
+) -> None:
+    ref = classifier_for(foundation)
+    shadow, held = splits.forget.pixels()[:256], splits.val.pixels()
+    config = blend_config(Policy())
+    victim_clf = classifier_for(sig_victim)
+    real = (victim_clf(sig_trigger.apply(held)).argmax(1) == TARGET).float().mean()
+    assert real > 0.8  # the planted backdoor works
+    r = invert_blend_per_target(victim_clf, shadow, held, 10, config, ref)
+    assert r.flagged and r.target == TARGET, r.explanation
+    hit = r.per_target[TARGET]
+    assert hit.asr > 0.8 and hit.reference_asr < 0.5  # specific to the victim: the transfer check
+    twin = invert_blend_per_target(classifier_for(clean_twin), shadow, held, 10, config, ref)
+    assert not twin.flagged, twin.explanation
+
+
+@pytest.mark.slow
+def test_gate_hands_a_blend_trigger_to_removal(  # type: ignore[no-untyped-def]
+    foundation: ClipBundle, sig_victim: ClipBundle, test_npz: Path, tmp_path: Path
+) -> None:
+    save_model(tmp_path / "base", foundation)
+    save_model(tmp_path / "victim", sig_victim)
+    policy = policy_from_dict(
+        {
+            "detect": {"reference_models": [str(tmp_path / "base")], "differential": {"families": ["blend"]}},
+            "sanitize": {"reemergence": {"enabled": False}, "disentanglement": {"enabled": False}},
+            "trigger": {"kind": "sig"},
+            "target": "0",
+        }
+    )
+    r = gate(tmp_path / "victim", test_npz, policy, tmp_path / "out").report
+    det = r["detection"]
+    assert det["flagged"] and det["family"] == "blend" and det["target_index"] == TARGET
+    assert set(det["families"]) == {"blend"} and det["families"]["blend"]["flagged"]
+    assert "blend" in r["trigger_description"] and r["alpha_sweep"]
+    assert r["claim"].startswith("a full-image blend backdoor was found")
+    assert any("transfer check" in e for e in r["established"])
+    markdown = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "| blend | yes | 0 |" in markdown and "ASR on the reference (transfer)" in markdown
+    assert r["true_trigger"]["before"]["attack_success_rate"] > 0.8
+    assert r["true_trigger"]["after"]["attack_success_rate"] < r["true_trigger"]["before"]["attack_success_rate"]
