@@ -172,11 +172,11 @@ def write_markdown(results: dict[str, Any], out: Path, command: str) -> Path:
     xi_rows = []
     seen: set[tuple[str, str]] = set()
     for r in recs:
-        if r["defence"] == "tbar-known" and r.get("disentanglement") and (r["task"], r["attack"]) not in seen:
-            seen.add((r["task"], r["attack"]))
+        if r["defence"] in KNOWN_TBAR and r.get("disentanglement") and (r["defence"], r["victim"]) not in seen:
+            seen.add((r["defence"], r["victim"]))
             d = r["disentanglement"]
             xi_rows.append(
-                f"| {r['victim']} | {d.get('alphas_clean')} | {d.get('alphas_trigger')} | "
+                f"| {r['victim']} | `{r['defence']}` | {d.get('alphas_clean')} | {d.get('alphas_trigger')} | "
                 f"{json.dumps([[round(x, 3) for x in row] for row in d.get('xi', [])])} | {d.get('mean_xi', 0):.3f} |"
             )
     if xi_rows:
@@ -184,8 +184,8 @@ def write_markdown(results: dict[str, Any], out: Path, command: str) -> Path:
             "",
             "## Weight disentanglement ξ(α_c, α_t) (one victim per attack)",
             "",
-            "| victim | α_c | α_t | ξ grid (rows α_c, columns α_t) | mean ξ |",
-            "|---|---|---|---|---|",
+            "| victim | method | α_c | α_t | ξ grid (rows α_c, columns α_t) | mean ξ |",
+            "|---|---|---|---|---|---|",
             *xi_rows,
         ]
 
