@@ -418,7 +418,8 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
-    sweeps = [r for r in results["records"] if r["defence"] in TBAR and r.get("alpha_sweep")]
+    # victims only: a flagged clean control's gate also has a sweep, under a trigger nobody planted
+    sweeps = [r for r in results["records"] if r["defence"] in TBAR and r.get("alpha_sweep") and r["attack"]]
     if sweeps:
         keys = sorted({(r["task"], r["attack"]) for r in sweeps})
         colours = dict(zip(TBAR, ["tab:green", "tab:blue", "tab:red", "tab:olive", "tab:purple"], strict=True))
