@@ -138,9 +138,12 @@ class Runner:
     def clean_control_asr(self, v: VictimSpec) -> float | None:
         """Mean ASR of ``v``'s trigger and target on the task's clean controls (no backdoor), on the
         defender's test split: the rate a model without the backdoor already shows, so the floor any
-        removal is read against. ``None`` when the zoo has no built clean control for the task."""
+        removal is read against. ``None`` when the zoo has no clean control for the task (or, from the
+        cache, none built)."""
         assert v.attack is not None
-        controls = [c for c in self.spec.victims if c.task == v.task and c.attack is None and self.zoo.victim_cached(c)]
+        controls = [c for c in self.spec.victims if c.task == v.task and c.attack is None]
+        if self.from_cache:  # train nothing: only the controls already built
+            controls = [c for c in controls if self.zoo.victim_cached(c)]
         if not controls:
             return None
         key = key_of([[self.spec.victim_key(c) for c in controls], self.spec.attacks[v.attack], v.target])
@@ -151,7 +154,8 @@ class Runner:
         test = self.task(v.task).splits.test
         rates = []
         for c in controls:
-            m = evaluate(classifier_for(load_bundle(self.zoo.victim_dir(c))), test, trigger, v.target)
+            cdir, _ = self.zoo.victim(c)  # built here if the zoo lists it after the victim
+            m = evaluate(classifier_for(load_bundle(cdir)), test, trigger, v.target)
             assert m.attack_success_rate is not None
             rates.append(m.attack_success_rate)
         asr = sum(rates) / len(rates)
