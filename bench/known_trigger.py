@@ -1,4 +1,4 @@
-"""Known-trigger removal on a tiny CLIP trained here: plain TBAR vs anchored TBAR, per attack.
+"""Known-trigger removal on a tiny CLIP trained here: every removal method (--methods), per attack.
 
 Usage (from the repository root, ../shared/data present):
     .venv/bin/python bench/known_trigger.py --out bench/results/known_trigger.md [--seeds 0 1]
@@ -131,7 +131,7 @@ def _pct(v: float | None) -> str:
 def write_table(out: Path, rows: list[dict[str, object]], args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [
-        "# Known-trigger removal: plain TBAR vs anchored TBAR (tiny ViT CLIP, MNIST)",
+        "# Known-trigger removal per method: plain TBAR, anchored TBAR, unlearn vector (tiny ViT CLIP, MNIST)",
         "",
         f"Command: `.venv/bin/python bench/known_trigger.py --seeds {' '.join(map(str, args.seeds))}` "
         "(2-core CPU, no GPU). Default policy (CA floor 0.95, ASR ceiling 0.05, forget set 1,000) except "
