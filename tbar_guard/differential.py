@@ -96,6 +96,21 @@ def _masks(raw: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(torch.sigmoid(raw), size=(size, size), mode="nearest")
 
 
+def _chunks(n_classes: int, per_chunk: int) -> list[list[int]]:
+    """Class indices in groups of ``per_chunk``, optimised together."""
+    return [list(range(s, min(n_classes, s + per_chunk))) for s in range(0, n_classes, per_chunk)]
+
+
+@torch.no_grad()
+def _reference_predictions(
+    reference: nn.Module | None, shadow: torch.Tensor, device: torch.device
+) -> torch.Tensor | None:
+    """The reference model's softmax on the clean shadow images (the KL term's teacher), or None."""
+    if reference is None:
+        return None
+    return torch.cat([F.softmax(reference(shadow[i : i + 256].to(device)), 1) for i in range(0, len(shadow), 256)])
+
+
 def robust_z(values: torch.Tensor, index: int) -> tuple[float, float]:
     """(median, robust z-score of values[index]) with the MAD scaled to a normal's sigma."""
     median = float(values.median())
@@ -130,19 +145,11 @@ def invert_per_target(
         reference.eval()
     masks: list[torch.Tensor] = []
     patterns: list[torch.Tensor] = []
-    chunks = [
-        list(range(s, min(n_classes, s + config.targets_per_chunk)))
-        for s in range(0, n_classes, config.targets_per_chunk)
-    ]
+    chunks = _chunks(n_classes, config.targets_per_chunk)
     total = config.steps * len(chunks)
     done = 0
     try:
-        with torch.no_grad():
-            ref_clean = (
-                torch.cat([F.softmax(reference(shadow[i : i + 256].to(device)), 1) for i in range(0, len(shadow), 256)])
-                if reference is not None
-                else None
-            )
+        ref_clean = _reference_predictions(reference, shadow, device)
         for chunk in chunks:
             k = len(chunk)
             m_raw = (torch.rand(k, 1, config.mask_cells, config.mask_cells, generator=gen) * 0.2 - 3).to(device)
@@ -307,19 +314,11 @@ def invert_blend_per_target(
         reference.eval()
     strengths: list[torch.Tensor] = []
     patterns: list[torch.Tensor] = []
-    chunks = [
-        list(range(s, min(n_classes, s + config.targets_per_chunk)))
-        for s in range(0, n_classes, config.targets_per_chunk)
-    ]
+    chunks = _chunks(n_classes, config.targets_per_chunk)
     total = config.steps * len(chunks)
     done = 0
     try:
-        with torch.no_grad():
-            ref_clean = (
-                torch.cat([F.softmax(reference(shadow[i : i + 256].to(device)), 1) for i in range(0, len(shadow), 256)])
-                if reference is not None
-                else None
-            )
+        ref_clean = _reference_predictions(reference, shadow, device)
         for chunk in chunks:
             k = len(chunk)
             a_raw = (torch.rand(k, generator=gen) * 0.2 - 3).to(device)
