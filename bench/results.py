@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tbar_guard.policy import DifferentialPolicy
+
 DEFENCE_LABELS = {
     "tbar-known": "TBAR known trigger (anchored)",
     "tbar-plain-known": "TBAR known trigger (plain, paper recipe)",
@@ -458,21 +460,47 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
-SCAN_RULES = (  # (label, family or None for the scan's combined decision)
-    ("mask family only (the default before the blend family)", "mask"),
-    ("blend family only", "blend"),
-    ("mask + blend (flagged when either fires)", None),
+MAX_TRANSFER = DifferentialPolicy().max_transfer  # the product's default transfer check
+SCAN_RULES = (  # (label, family or None for the scan's combined decision, with the transfer check)
+    ("mask family, area rule only (the rule before the transfer check)", "mask", False),
+    (f"mask family + transfer check (ref/candidate share ≤ {MAX_TRANSFER}; the default)", "mask", True),
+    ("blend family, strength rule only", "blend", False),
+    (f"blend family + transfer check (≤ {MAX_TRANSFER})", "blend", True),
+    ("mask + blend, area/strength rules only (flagged when either fires)", None, False),
+    (f"mask + blend + transfer check (≤ {MAX_TRANSFER})", None, True),
 )
 
 
-def _decision(r: dict[str, Any], family: str | None) -> tuple[bool, bool | None, float | None] | None:
+def _specific(f: dict[str, Any]) -> bool:
+    """The transfer check on one family's record: the inverted trigger moves the reference at most
+    ``MAX_TRANSFER`` × as much as the candidate (records without a reference pass)."""
+    ref, cand = f.get("target_reference_asr"), f.get("target_asr")
+    if MAX_TRANSFER is None or ref is None or cand is None:
+        return True
+    return bool(ref / max(cand, 1e-12) <= MAX_TRANSFER)
+
+
+def _area_flag(f: dict[str, Any]) -> bool:
+    """A family's area/strength rule alone (records written before the transfer check have only
+    ``flagged``, which was that rule)."""
+    return bool(f.get("area_flagged", f["flagged"]))
+
+
+def _decision(
+    r: dict[str, Any], family: str | None, transfer: bool = False
+) -> tuple[bool, bool | None, float | None] | None:
     """(flagged, target right, seconds) of one scan record under one rule; None when the family was not run."""
+    fams = r.get("families") or {}
     if family is None:
-        return bool(r["flagged"]), r.get("target_correct"), r.get("scan_seconds")
-    f = (r.get("families") or {}).get(family)
+        if not fams:
+            return bool(r["flagged"]), r.get("target_correct"), r.get("scan_seconds")
+        fired = [n for n, f in fams.items() if _area_flag(f) and (_specific(f) or not transfer)]
+        right = next((fams[n].get("target_correct") for n in fired), None)
+        return bool(fired), right, r.get("scan_seconds")
+    f = fams.get(family)
     if f is None:
         return None
-    return bool(f["flagged"]), f.get("target_correct"), f.get("seconds")
+    return _area_flag(f) and (_specific(f) or not transfer), f.get("target_correct"), f.get("seconds")
 
 
 def scan_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> list[str]:
@@ -500,8 +528,8 @@ def scan_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> li
     ]
     for defence in scans:
         rs = [r for r in recs if r["defence"] == defence]
-        for label, family in SCAN_RULES:
-            ds = [(r, _decision(r, family)) for r in rs]
+        for label, family, transfer in SCAN_RULES:
+            ds = [(r, _decision(r, family, transfer)) for r in rs]
             got = [(r, d) for r, d in ds if d is not None]
             if not got:
                 continue

@@ -251,6 +251,7 @@ class Runner:
                 "proxy_asr": det["proxy_asr"],
                 "score": det.get("z_score"),
                 "area": det["pl1"],
+                "families": _families_record(det, v),
                 "scan_seconds": det["seconds"],
             }
             true = r.get("true_trigger") or {}
@@ -288,21 +289,6 @@ class Runner:
         extra = _deep_update({"detect": {"reference_models": [str(ctx.base_dir)]}}, SCANS[defence])
         r = scan(vdir, ctx.data_npz, self.policy(extra), out).report
         det = r["detection"]
-        families = {
-            name: {
-                "flagged": bool(f["flagged"]),
-                "target": f["target"],
-                "target_correct": f["target"] == v.target if v.attack else None,
-                "z": f["z_score"],
-                "score": f["score"],
-                "median_score": f["median_score"],
-                "ratio": f["ratio"],
-                "target_asr": f["target_asr"],
-                "target_reference_asr": f["target_reference_asr"],
-                "seconds": f["seconds"],
-            }
-            for name, f in det.get("families", {}).items()
-        }
         return {
             "flagged": bool(det["flagged"]),
             "family": det.get("family"),
@@ -311,7 +297,7 @@ class Runner:
             "proxy_asr": det["proxy_asr"],
             "score": det.get("z_score"),
             "area": det["pl1"],
-            "families": families,
+            "families": _families_record(det, v),
             "scan_seconds": det["seconds"],
         }
 
@@ -414,6 +400,27 @@ class Runner:
 def _verdict(kept: float, asr: float | None, policy: Policy) -> str:
     ok = kept >= policy.accept.ca_floor and asr is not None and asr <= policy.accept.asr_ceiling
     return "removed" if ok else "unremoved"
+
+
+def _families_record(det: dict[str, Any], v: VictimSpec) -> dict[str, Any]:
+    """Each differential family's decision and evidence from a report's ``detection`` section."""
+    return {
+        name: {
+            "flagged": bool(f["flagged"]),
+            "area_flagged": bool(f["area_rule_fired"]),
+            "target": f["target"],
+            "target_correct": f["target"] == v.target if v.attack else None,
+            "z": f["z_score"],
+            "score": f["score"],
+            "median_score": f["median_score"],
+            "ratio": f["ratio"],
+            "target_asr": f["target_asr"],
+            "target_reference_asr": f["target_reference_asr"],
+            "transfer_ratio": f.get("transfer_ratio"),
+            "seconds": f["seconds"],
+        }
+        for name, f in det.get("families", {}).items()
+    }
 
 
 def _removal_record(r: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

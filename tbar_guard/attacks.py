@@ -182,8 +182,8 @@ class Trigger:
 
     spec: TriggerSpec | None
     image_size: int
-    mask: torch.Tensor | None = None  # [1,H,W] in [0,1]
-    pattern: torch.Tensor | None = None  # [3,H,W] in [0,1]
+    mask: torch.Tensor | None = None  # [1,H,W] in [0,1]; [K,1,H,W] for a set of K triggers (see ``from_masks``)
+    pattern: torch.Tensor | None = None  # [3,H,W] in [0,1]; [K,3,H,W] for a set
     grid: torch.Tensor | None = None  # WaNet sampling grid [1,H,W,2]
     additive: torch.Tensor | None = None  # SIG additive pattern [1,1,H,W] or [3,H,W]
 
@@ -193,6 +193,32 @@ class Trigger:
         size = int(mask.shape[-1])
         m = mask.detach().float().cpu().reshape(1, size, size).clamp(0, 1)
         return cls(None, size, mask=m, pattern=pattern.detach().float().cpu().clamp(0, 1))
+
+    @classmethod
+    def from_masks(cls, triggers: list[Trigger]) -> Trigger:
+        """A set of mask + pattern triggers that acts as one: image i of a batch gets trigger i mod K
+        (so a forget set stamped with it holds every trigger, and an ASR measured with it is their mean)."""
+        if not triggers or any(t.mask is None or t.pattern is None for t in triggers):
+            raise UsageError(
+                f"a trigger set needs at least one mask + pattern trigger, got {len(triggers)} triggers",
+                hint="build the members with Trigger.from_mask",
+            )
+        if len(triggers) == 1:
+            return triggers[0]
+        size = triggers[0].image_size
+        if any(t.image_size != size for t in triggers):
+            raise UsageError(
+                f"trigger set members have image sizes {[t.image_size for t in triggers]}",
+                hint="build every member for the model's image size",
+            )
+        masks = torch.stack([t.mask.reshape(1, size, size) for t in triggers if t.mask is not None])
+        patterns = torch.stack([t.pattern.reshape(3, size, size) for t in triggers if t.pattern is not None])
+        return cls(None, size, mask=masks, pattern=patterns)
+
+    @property
+    def count(self) -> int:
+        """How many triggers this is (a set made by ``from_masks`` holds several)."""
+        return int(self.mask.shape[0]) if self.mask is not None and self.mask.ndim == 4 else 1
 
     def apply(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Stamp float pixels [N,3,H,W] in [0,1]; returns a new tensor on the same device."""
@@ -211,6 +237,9 @@ class Trigger:
             return _quantise(pixels + self.additive.to(dev))
         assert self.mask is not None and self.pattern is not None
         m, p = self.mask.to(dev), self.pattern.to(dev)
+        if m.ndim == 4:  # a set: image i gets trigger i mod K
+            pick = torch.arange(pixels.shape[0], device=dev) % m.shape[0]
+            m, p = m[pick], p[pick]
         return _quantise((1 - m) * pixels + m * p)
 
     def _random_patch(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

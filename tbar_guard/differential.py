@@ -51,6 +51,7 @@ class DifferentialConfig:
     reference_weight: float = 1.0  # weight of KL(reference on clean || reference on stamped)
     z_threshold: float = -2.5
     area_ratio: float = 0.5  # also flag when the smallest mask is below this fraction of the median (0: off)
+    max_transfer: float | None = None  # with a reference: flag only when ref ASR / candidate ASR <= this
     targets_per_chunk: int = 10
     seed: int = 0
     max_seconds: float | None = None
@@ -126,8 +127,12 @@ def invert_per_target(
     config: DifferentialConfig,
     reference: nn.Module | None = None,
     progress: Progress | None = None,
+    classes: list[int] | None = None,
 ) -> DifferentialResult:
-    """Search a compact trigger per class on ``shadow``; score it on ``heldout`` (pixels in [0,1])."""
+    """Search a compact trigger per class on ``shadow``; score it on ``heldout`` (pixels in [0,1]).
+
+    ``classes``: search only these classes (default: all ``n_classes``); ``per_target`` then lists
+    only them, and the decision statistics are over them."""
     if shadow.shape[0] < config.batch_size:
         raise DataError(
             f"{shadow.shape[0]} shadow images are fewer than the batch size {config.batch_size}",
@@ -145,7 +150,8 @@ def invert_per_target(
         reference.eval()
     masks: list[torch.Tensor] = []
     patterns: list[torch.Tensor] = []
-    chunks = _chunks(n_classes, config.targets_per_chunk)
+    searched = list(range(n_classes)) if classes is None else list(classes)
+    chunks = [searched[s : s + config.targets_per_chunk] for s in range(0, len(searched), config.targets_per_chunk)]
     total = config.steps * len(chunks)
     done = 0
     try:
@@ -192,37 +198,29 @@ def invert_per_target(
         per_target = []
         with torch.no_grad():
             held = heldout.to(device)
-            for c in range(n_classes):
-                m = mask_all[c][None, None]
-                stamped = (1 - m) * held + m * pattern_all[c][None]
+            for i, c in enumerate(searched):
+                m = mask_all[i][None, None]
+                stamped = (1 - m) * held + m * pattern_all[i][None]
                 asr = float((classify(stamped).argmax(1) == c).float().mean())
                 ref_asr = (
                     float((reference(stamped).argmax(1) == c).float().mean()) if reference is not None else math.nan
                 )
-                per_target.append(TargetTrigger(c, float(mask_all[c].mean()), asr, ref_asr))
+                per_target.append(TargetTrigger(c, float(mask_all[i].mean()), asr, ref_asr))
     finally:
         _restore(classify, flags)
         classify.train(was_training)
         if reference is not None:
             _restore(reference, ref_flags)
-    areas = torch.tensor([t.area for t in per_target])
-    best = int(areas.argmin())
-    median, z = robust_z(areas, best)
-    ratio = per_target[best].area / max(median, 1e-12)
-    by_z = z < config.z_threshold
-    by_ratio = ratio < config.area_ratio
-    flagged = by_z or by_ratio
-    explanation = (
-        f"class {best} needs a trigger of {100 * per_target[best].area:.1f}% of the image vs a median of "
-        f"{100 * median:.1f}% over {n_classes} classes (robust z {z:.2f} {'<' if by_z else '>='} {config.z_threshold}; "
-        f"{ratio:.2f} x the median {'<' if by_ratio else '>='} {config.area_ratio:g})"
+    pt = tuple(per_target)
+    best, median, z, flagged, explanation = decide(
+        pt, config.z_threshold, config.area_ratio, "trigger (mask area) of the image", config.max_transfer
     )
     return DifferentialResult(
-        tuple(per_target),
-        best,
+        pt,
+        pt[best].target,
         mask_all[best].cpu(),
         pattern_all[best].cpu(),
-        per_target[best].area,
+        pt[best].area,
         median,
         z,
         flagged,
@@ -248,6 +246,7 @@ class BlendConfig:
     reference_weight: float = 1.0  # weight of KL(reference on clean || reference on stamped)
     z_threshold: float | None = None  # flag when the smallest a_k has a robust z-score below this (None: off)
     ratio: float = 0.7  # flag when the smallest a_k is below this fraction of the median (0: off)
+    max_transfer: float | None = None  # with a reference: flag only when ref ASR / candidate ASR <= this
     targets_per_chunk: int = 10
     seed: int = 0
     max_seconds: float | None = None
@@ -259,12 +258,29 @@ def _patterns(raw: torch.Tensor, size: int) -> torch.Tensor:
     return torch.sigmoid(F.interpolate(raw, size=(size, size), mode="bilinear", align_corners=False))
 
 
+def transfer_ratio(t: TargetTrigger) -> float:
+    """How much of the inverted trigger's effect carries over to the reference: the share of held-out
+    images it sends to the class on the reference over the share on the candidate (nan without a
+    reference). A backdoor is specific to the model that learned it (small ratio); a universal
+    adversarial patch of the architecture moves both models (large ratio)."""
+    if t.reference_asr != t.reference_asr:
+        return math.nan
+    return t.reference_asr / max(t.asr, 1e-12)
+
+
 def decide(
-    per_target: tuple[TargetTrigger, ...], z_threshold: float | None, ratio_threshold: float, what: str
+    per_target: tuple[TargetTrigger, ...],
+    z_threshold: float | None,
+    ratio_threshold: float,
+    what: str,
+    max_transfer: float | None = None,
 ) -> tuple[int, float, float, bool, str]:
-    """(best class, median score, robust z, flagged, explanation): the smallest per-class score is
-    anomalous when its robust z-score is below ``z_threshold`` (None: never) or it is below
-    ``ratio_threshold`` × the median (0: never)."""
+    """(index into ``per_target`` of the smallest score, median score, robust z, flagged, explanation).
+
+    The smallest per-class score is anomalous when its robust z-score is below ``z_threshold``
+    (None: never) or it is below ``ratio_threshold`` × the median (0: never). With ``max_transfer``
+    and a reference, an anomalous class is flagged only when its trigger is specific to the
+    candidate: :func:`transfer_ratio` ≤ ``max_transfer``."""
     scores = torch.tensor([t.area for t in per_target])
     best = int(scores.argmin())
     median, z = robust_z(scores, best)
@@ -277,11 +293,23 @@ def decide(
         else f"robust z {z:.2f} {'<' if by_z else '>='} {z_threshold}"
     )
     explanation = (
-        f"class {best} needs a {what} of {100 * per_target[best].area:.1f}% vs a median of {100 * median:.1f}% "
-        f"over {len(per_target)} classes ({z_part}; "
+        f"class {per_target[best].target} needs a {what} of {100 * per_target[best].area:.1f}% vs a median of "
+        f"{100 * median:.1f}% over {len(per_target)} classes ({z_part}; "
         f"{ratio:.2f} x the median {'<' if by_ratio else '>='} {ratio_threshold:g})"
     )
-    return best, median, z, by_z or by_ratio, explanation
+    anomalous = by_z or by_ratio
+    transfer = transfer_ratio(per_target[best])
+    if max_transfer is None or transfer != transfer:
+        return best, median, z, anomalous, explanation
+    specific = transfer <= max_transfer
+    explanation += (
+        f"; transfer to the reference {transfer:.2f} {'<=' if specific else '>'} {max_transfer:g} "
+        f"(held-out share sent to class {per_target[best].target}: {100 * per_target[best].asr:.1f}% on the "
+        f"candidate, {100 * per_target[best].reference_asr:.1f}% on the reference"
+        + ("" if specific else ": the trigger moves the reference too, an adversarial patch, not a backdoor")
+        + ")"
+    )
+    return best, median, z, anomalous and specific, explanation
 
 
 def invert_blend_per_target(
@@ -373,11 +401,13 @@ def invert_blend_per_target(
         if reference is not None:
             _restore(reference, ref_flags)
     pt = tuple(per_target)
-    best, median, z, flagged, explanation = decide(pt, config.z_threshold, config.ratio, "full-image blend strength")
+    best, median, z, flagged, explanation = decide(
+        pt, config.z_threshold, config.ratio, "full-image blend strength", config.max_transfer
+    )
     a_best = float(strength_all[best])
     return DifferentialResult(
         pt,
-        best,
+        pt[best].target,
         torch.full((size, size), a_best),
         pattern_all[best].cpu(),
         a_best,

@@ -31,11 +31,13 @@ from tbar_guard.differential import (
     DifferentialResult,
     invert_blend_per_target,
     invert_per_target,
+    transfer_ratio,
 )
 from tbar_guard.errors import DataError, UsageError
 from tbar_guard.exit_codes import ExitCode
 from tbar_guard.pipeline import VERDICT_EXIT, RunResult, prepare
 from tbar_guard.policy import DetectPolicy, Policy
+from tbar_guard.reinvert import Hardened, harden
 from tbar_guard.report import base_report, removal_json, write_report
 from tbar_guard.sanitize import StageProgress, for_inverted_trigger, remove_backdoor
 
@@ -55,6 +57,7 @@ class Scan:
     seconds: float
     family: str = "mask"  # trigger family of the inverted trigger (differential: the one that fired most strongly)
     searched: tuple[str, ...] = ("mask",)  # trigger families the scan searched
+    inversion: DifferentialResult | None = None  # differential: the deciding family's per-class result
 
 
 def decree_config(policy: Policy) -> detect.InversionConfig:
@@ -79,6 +82,7 @@ def differential_config(policy: Policy) -> DifferentialConfig:
         reference_weight=o.reference_weight,
         z_threshold=o.z_threshold,
         area_ratio=o.area_ratio,
+        max_transfer=o.max_transfer,
         targets_per_chunk=o.targets_per_chunk,
         seed=policy.seed,
         max_seconds=d.max_seconds,
@@ -96,6 +100,7 @@ def blend_config(policy: Policy) -> BlendConfig:
         reference_weight=o.reference_weight,
         z_threshold=o.blend.z_threshold,
         ratio=o.blend.ratio,
+        max_transfer=o.max_transfer,
         targets_per_chunk=o.targets_per_chunk,
         seed=policy.seed,
         max_seconds=d.max_seconds,
@@ -134,21 +139,25 @@ def run_differential(
 
 
 def _family_json(r: DifferentialResult, z_threshold: float | None, ratio_threshold: float) -> dict[str, Any]:
+    hit = next(t for t in r.per_target if t.target == r.target)
+    transfer = transfer_ratio(hit)
+    ratio = r.area / max(r.median_area, 1e-12)
     return {
         "flagged": r.flagged,
+        # the score rule alone (z or ratio), before the transfer check
+        "area_rule_fired": (z_threshold is not None and r.z < z_threshold) or ratio < ratio_threshold,
         "target": r.target,
         "score": r.area,
         "median_score": r.median_area,
         "z_score": r.z,
         "z_threshold": z_threshold,
-        "ratio": r.area / max(r.median_area, 1e-12),
+        "ratio": ratio,
         "ratio_threshold": ratio_threshold,
         "explanation": r.explanation,
-        "target_asr": r.per_target[r.target].asr,
+        "target_asr": hit.asr,
         # transfer check: the share the inverted trigger sends to the target on the clean reference
-        "target_reference_asr": None
-        if math.isnan(r.per_target[r.target].reference_asr)
-        else r.per_target[r.target].reference_asr,
+        "target_reference_asr": None if math.isnan(hit.reference_asr) else hit.reference_asr,
+        "transfer_ratio": None if math.isnan(transfer) else transfer,
         "steps": r.steps,
         "seconds": r.seconds,
         "per_class": [
@@ -226,10 +235,11 @@ def run_scan(
     details: dict[str, Any]
     family: str = "mask"  # decree: a small mask
     searched: tuple[str, ...] = ("mask",)
+    deciding: DifferentialResult | None = None
     if d.method == "differential":
         ref_clf = classifier_for(references[0], device) if references else None
         result, by_family = run_differential(clf, shadow, splits.val.pixels(), n_classes, policy, ref_clf, progress)
-        family, searched = result.family, tuple(by_family)
+        family, searched, deciding = result.family, tuple(by_family), result
         mask, pattern, pl1 = result.mask, result.pattern, result.area
         flagged = any(r.flagged for r in by_family.values())
         rule = "per-class anomaly"
@@ -320,6 +330,7 @@ def run_scan(
         time.perf_counter() - t0,
         family,
         searched,
+        deciding,
     )
 
 
@@ -503,6 +514,7 @@ def gate(
         audit = (build_trigger(policy.trigger, p.bundle.preprocess.image_size), p.bundle.task.index_of(policy.target))
     result = run_scan(p.clf, p.splits, policy, p.device, p.references, progress)
     removal = None
+    hardened: Hardened | None = None
     if not result.flagged:
         verdict = "clean"
         reason = f"{result.explanation}; {not_clean_claim(result)} (large-area or warping triggers are not ruled out)"
@@ -511,8 +523,35 @@ def gate(
         reason = f"{result.explanation}; but the inverted trigger is not actionable: {result.target.reason}"
     else:
         inverted = Trigger.from_mask(result.mask, result.pattern)
+        under = for_inverted_trigger(policy)
+        if (
+            under.sanitize.method == "unlearn"
+            and under.sanitize.unlearn.reinvert_rounds > 0
+            and result.inversion is not None
+            and result.family == "mask"
+        ):
+            ref_clf = classifier_for(p.references[0], p.device) if p.references else None
+            hardened = harden(
+                p.clf,
+                p.splits,
+                result.inversion,
+                result.target.target,
+                under,
+                differential_config(policy),
+                _shadow(p.splits, policy.detect),
+                ref_clf,
+                progress,
+            )
+            inverted = hardened.trigger
         removal = remove_backdoor(
-            p.clf, p.splits, inverted, result.target.target, for_inverted_trigger(policy), progress, audit
+            p.clf,
+            p.splits,
+            inverted,
+            result.target.target,
+            under,
+            progress,
+            audit,
+            hardened.learned if hardened else None,
         )
         verdict = "unremoved" if removal.verdict == "clean" else removal.verdict
         reason = f"{result.explanation}; removal: {removal.reason}"
@@ -541,6 +580,17 @@ def gate(
         report["trigger_description"] = (
             f"inverted ({result.method}, {FAMILY_WORDS.get(result.family, result.family)} family: mask + pattern)"
         )
+        if hardened is not None:
+            report["reinversion"] = {
+                "triggers": hardened.trigger.count,
+                "max_rounds": policy.sanitize.unlearn.reinvert_rounds,
+                "rounds": [r.to_json() for r in hardened.rounds],
+            }
+            if hardened.trigger.count > 1:
+                report["trigger_description"] += (
+                    f", {hardened.trigger.count} triggers: the scan's and {hardened.trigger.count - 1} re-inverted "
+                    "on the unlearned model (each forget image carries one; ASR is their mean)"
+                )
     if audit is not None and policy.trigger is not None:
         report["true_trigger"] = {
             "trigger": spec_to_dict(policy.trigger),

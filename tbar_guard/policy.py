@@ -66,6 +66,7 @@ class AnchoredPolicy(_Section):
 class UnlearnPolicy(_Section):
     anchor_weight: float = Field(3.0, ge=0)
     clean_twins: bool = True
+    reinvert_rounds: int = Field(2, ge=0, le=5)
 
 
 class ReemergencePolicy(_Section):
@@ -146,6 +147,7 @@ class DifferentialPolicy(_Section):
     reference_weight: float = Field(1.0, ge=0)
     z_threshold: float = Field(-2.5, lt=0)
     area_ratio: float = Field(0.5, ge=0, lt=1)
+    max_transfer: float | None = Field(0.25, gt=0, le=1)
     targets_per_chunk: int = Field(10, ge=1)
     blend: BlendFamilyPolicy = BlendFamilyPolicy()
 
@@ -248,6 +250,9 @@ sanitize:
   unlearn:               # options of method "unlearn" (ignored by the others)
     anchor_weight: 3.0   # weight of KL(original predictions || current) on the clean twins (0 = off)
     clean_twins: true    # also train on the clean twins at their true labels (twice the fine-tuning steps)
+    reinvert_rounds: 2   # gate only (inverted trigger, mask family): after unlearning, invert the target
+                         # class again on the unlearned model; while that trigger is still anomalous, add it
+                         # to the forget set and unlearn again; at most this many added triggers (0 = off)
   alpha:                 # coarse-to-fine search; the backdoor may need alpha > 1
     min: 0.0
     max: 6.0
@@ -298,6 +303,8 @@ detect:                  # trigger inversion (scan, gate)
     reference_weight: 1.0  # weight of KL(reference on clean || reference on stamped) (both families)
     z_threshold: -2.5    # flag when the smallest per-class mask has a robust z-score below this
     area_ratio: 0.5      # ... or is smaller than this fraction of the median mask (0 = off)
+    max_transfer: 0.25   # with a reference model: flag only a trigger specific to the candidate, i.e. the
+                         # share it sends to the class on the reference / on the candidate <= this (null = off)
     targets_per_chunk: 10  # classes optimised together (memory vs speed; both families)
     blend:               # options of the blend family (rule fixed on the MNIST development zoo)
       pattern_cells: 0       # the pattern is a grid of this side upsampled to the image (0 = full resolution)

@@ -147,6 +147,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
             )
         if report.get("pictures", {}).get("alpha_sweep"):
             lines += ["", f"![alpha sweep]({report['pictures']['alpha_sweep']})"]
+    lines += _reinversion_md(report)
     lines += _reemergence_md(report)
     lines += _disentanglement_md(report)
     detection = report.get("detection")
@@ -178,15 +179,41 @@ def _families_md(families: Any) -> list[str]:
     lines = [
         "",
         "| trigger family | fired | class | score | median | score / median (threshold) | robust z (threshold) | "
-        "ASR on this model | ASR on the reference (transfer) | s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "ASR on this model | ASR on the reference | transfer (reference / this model) | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, f in families.items():
         z_t = "off" if f.get("z_threshold") is None else f"{f['z_threshold']:g}"
+        transfer = f.get("transfer_ratio")
         lines.append(
             f"| {name} | {'yes' if f['flagged'] else 'no'} | {f['target']} | {f['score']:.3f} | {f['median_score']:.3f} | "
             f"{f['ratio']:.2f} ({f['ratio_threshold']:g}) | {f['z_score']:.2f} ({z_t}) | {_pct(f['target_asr'])} | "
-            f"{_pct(f.get('target_reference_asr'))} | {f['seconds']:.0f} |"
+            f"{_pct(f.get('target_reference_asr'))} | {'–' if transfer is None else f'{transfer:.2f}'} | "
+            f"{f['seconds']:.0f} |"
+        )
+    return lines
+
+
+def _reinversion_md(report: Mapping[str, Any]) -> list[str]:
+    """The gate's re-inversion rounds (tbar_guard.reinvert): each re-inverted trigger and whether it was added."""
+    info = report.get("reinversion")
+    if not info or not info.get("rounds"):
+        return []
+    lines = [
+        "",
+        f"## Re-inversion rounds ({info['triggers']} trigger(s) unlearned; at most {info['max_rounds']} added)",
+        "",
+        "After unlearning, the target class was inverted again on the unlearned model; a trigger that is still "
+        "anomalous joins the forget set.",
+        "",
+        "| unlearned triggers | re-inverted area | median area | robust z | ASR on the unlearned model | "
+        "ASR on the reference | added |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in info["rounds"]:
+        lines.append(
+            f"| {r['triggers_before']} | {r['area']:.3f} | {r['median_area']:.3f} | {r['z_score']:.2f} | "
+            f"{_pct(r['asr_on_unlearned'])} | {_pct(r.get('reference_asr'))} | {'yes' if r['added'] else 'no'} |"
         )
     return lines
 

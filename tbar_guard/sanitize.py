@@ -97,6 +97,15 @@ class Removal:
     method: str = ""  # the policy's sanitize.method that learned τ ("" when nothing was learned)
 
 
+@dataclass(frozen=True)
+class LearnedVector:
+    """τ learned on a forget set, with the fine-tuning steps and seconds it took."""
+
+    tau: TaskVector
+    steps: int
+    seconds: float
+
+
 def forget_indices(images: ImageSet, target: int, size: int, seed: int) -> torch.Tensor:
     """Indices into ``images`` of the forget set: ``size`` non-target images drawn with ``seed``."""
     pool = torch.nonzero(images.labels != target).flatten()
@@ -298,11 +307,14 @@ def remove_backdoor(
     policy: Policy,
     progress: StageProgress | None = None,
     audit: tuple[Trigger, int] | None = None,
+    learned: LearnedVector | None = None,
 ) -> Removal:
     """Run TBAR on ``clf`` (its image tower is restored to θ_b before returning).
 
     ``audit`` = (true trigger, true target): also report test-split metrics under it (never used to
-    choose α or to decide the verdict, which rest on ``trigger``)."""
+    choose α or to decide the verdict, which rest on ``trigger``). ``learned``: τ already learned
+    on this forget set (``build_forget_set`` with the same trigger, target, size and seed) by the
+    policy's method — the re-inversion rounds of :mod:`tbar_guard.reinvert` — so it is not learned again."""
     theta_b = visual_state(clf)
     seed = policy.seed
     audit_before = evaluate(clf, splits.test, audit[0], audit[1], seed=seed) if audit else None
@@ -332,17 +344,20 @@ def remove_backdoor(
 
     used = forget_indices(splits.forget, target, policy.sanitize.forget_size, seed)
     pixels, labels, twins = build_forget_set(splits.forget, trigger, target, policy.sanitize.forget_size, seed)
-    t0 = time.perf_counter()
-    tau, steps = learn_trigger_vector(
-        clf,
-        pixels,
-        labels,
-        twins,
-        splits.forget.labels[used],
-        policy,
-        (lambda d, t: progress("fine-tune", d, t)) if progress else None,
-    )
-    seconds_ft = time.perf_counter() - t0
+    if learned is None:
+        t0 = time.perf_counter()
+        tau, steps = learn_trigger_vector(
+            clf,
+            pixels,
+            labels,
+            twins,
+            splits.forget.labels[used],
+            policy,
+            (lambda d, t: progress("fine-tune", d, t)) if progress else None,
+        )
+        seconds_ft = time.perf_counter() - t0
+    else:
+        tau, steps, seconds_ft = learned.tau, learned.steps, learned.seconds
     base_norm = TaskVector.between({k: torch.zeros_like(v) for k, v in theta_b.items()}, theta_b).norm()
     negated = -tau
 

@@ -8,6 +8,7 @@ it hands on is an ordinary mask + pattern trigger (mask = a everywhere).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from tbar_guard.attacks import Trigger, build_trigger, parse_trigger
 from tbar_guard.bundle import ClipBundle, save_model
 from tbar_guard.clip import classifier_for
 from tbar_guard.data import ImageSet, split
-from tbar_guard.differential import BlendConfig, TargetTrigger, decide, invert_blend_per_target
+from tbar_guard.differential import BlendConfig, TargetTrigger, decide, invert_blend_per_target, transfer_ratio
 from tbar_guard.errors import PolicyError
 from tbar_guard.gate import blend_config, gate, run_differential
 from tbar_guard.policy import Policy, policy_from_dict
@@ -89,6 +90,26 @@ def test_decide_by_ratio_and_by_z() -> None:
     assert (best, flagged) == (0, False)
     best, _, z, flagged, why = decide(_scores([*spread, 0.14]), -2.5, 0.0, "blend strength")
     assert best == 9 and z < -2.5 and flagged and "robust z" in why
+
+
+def test_transfer_check_vetoes_a_trigger_that_moves_the_reference() -> None:
+    spread = [0.20, 0.21, 0.19, 0.22, 0.20, 0.21, 0.19, 0.20, 0.22]
+    specific = (TargetTrigger(0, 0.05, 0.99, 0.12), *_scores(spread)[1:])  # ratio 0.12
+    universal = (TargetTrigger(0, 0.05, 0.55, 0.30), *_scores(spread)[1:])  # ratio 0.55
+    assert transfer_ratio(specific[0]) == pytest.approx(0.12 / 0.99)
+    _, _, _, flagged, why = decide(specific, -2.5, 0.5, "mask", max_transfer=0.25)
+    assert flagged and "transfer to the reference 0.12 <= 0.25" in why
+    _, _, _, flagged, why = decide(universal, -2.5, 0.5, "mask", max_transfer=0.25)
+    assert not flagged and "0.55 > 0.25" in why and "adversarial patch" in why
+    _, _, _, flagged, _ = decide(universal, -2.5, 0.5, "mask", max_transfer=None)  # check off: area rule alone
+    assert flagged
+    no_reference = (TargetTrigger(0, 0.05, 0.55, math.nan), *_scores(spread)[1:])
+    assert math.isnan(transfer_ratio(no_reference[0]))
+    _, _, _, flagged, why = decide(no_reference, -2.5, 0.5, "mask", max_transfer=0.25)
+    assert flagged and "transfer" not in why  # nothing to check against: the area rule decides
+    assert Policy().detect.differential.max_transfer == 0.25
+    with pytest.raises(PolicyError):
+        policy_from_dict({"detect": {"differential": {"max_transfer": 0}}})
 
 
 # --- inversion on real tiny CLIPs ----------------------------------------------------------------

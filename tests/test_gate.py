@@ -98,6 +98,11 @@ def test_gate_removes_backdoor_with_inverted_trigger(
     assert report["disentanglement"]["at_chosen_alpha"]["alpha_trigger"] == -report["alpha"]
     md = (tmp_path / "gate" / "report.md").read_text()
     assert "| true trigger (audit) |" in md
+    # re-inversion rounds (default on for unlearn): evidence for each, and the trigger count it ended with
+    rounds = report["reinversion"]
+    assert rounds["max_rounds"] == 2 and 1 <= len(rounds["rounds"]) <= 2
+    assert rounds["triggers"] == 1 + sum(r["added"] for r in rounds["rounds"])
+    assert "## Re-inversion rounds" in md
     assert int(result.exit_code) == 1
     assert report["after"]["attack_success_rate"] <= policy.accept.asr_ceiling
     true = report["true_trigger"]

@@ -1,0 +1,135 @@
+"""Re-inversion rounds (tbar_guard.reinvert) on real tiny open_clip models planted at test time.
+
+The gate unlearns the trigger its scan inverted; when that trigger is only one member of the
+backdoor's family, the real trigger keeps working. Here the scan's trigger is replaced by a decoy
+(a patch in the wrong corner, which this victim never learned): unlearning the decoy leaves the
+BadNet backdoor in place, the re-inversion on the unlearned model finds a small specific trigger for
+the target again and adds it, and unlearning the set removes the real trigger. On the clean twin the
+re-inverted trigger looks like every other class's and nothing is added.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tbar_guard.attacks import Trigger
+from tbar_guard.bundle import ClipBundle
+from tbar_guard.clip import classifier_for, visual_state
+from tbar_guard.data import ImageSet, Splits, split
+from tbar_guard.differential import DifferentialConfig, DifferentialResult, invert_per_target
+from tbar_guard.errors import PolicyError, UsageError
+from tbar_guard.evaluate import evaluate
+from tbar_guard.policy import Policy, policy_from_dict
+from tbar_guard.reinvert import harden
+
+TARGET = 0
+
+
+def _patch(row: int, col: int, value: float, size: int = 28) -> Trigger:
+    mask = torch.zeros(size, size)
+    mask[row : row + 3, col : col + 3] = 1
+    return Trigger.from_mask(mask, torch.full((3, size, size), value))
+
+
+# --- trigger sets (fast) ---------------------------------------------------------------------------
+
+
+def test_trigger_set_stamps_members_round_robin() -> None:
+    a, b = _patch(0, 0, 1.0), _patch(25, 25, 0.0)
+    both = Trigger.from_masks([a, b])
+    assert both.count == 2 and a.count == 1
+    x = torch.full((5, 3, 28, 28), 0.5)
+    out = both.apply(x)
+    for i in range(5):
+        want = (a if i % 2 == 0 else b).apply(x[i : i + 1])
+        assert torch.equal(out[i : i + 1], want), i
+    assert Trigger.from_masks([a]) is a
+
+
+def test_trigger_set_refuses_what_it_cannot_stamp() -> None:
+    with pytest.raises(UsageError, match="at least one mask"):
+        Trigger.from_masks([])
+    with pytest.raises(UsageError, match="image sizes"):
+        Trigger.from_masks([_patch(0, 0, 1.0), Trigger.from_mask(torch.ones(32, 32), torch.ones(3, 32, 32))])
+
+
+def test_reinvert_rounds_policy() -> None:
+    assert Policy().sanitize.unlearn.reinvert_rounds == 2
+    assert policy_from_dict({"sanitize": {"unlearn": {"reinvert_rounds": 0}}}).sanitize.unlearn.reinvert_rounds == 0
+    with pytest.raises(PolicyError) as info:
+        policy_from_dict({"sanitize": {"unlearn": {"reinvert_rounds": 9}}})
+    assert any("sanitize.unlearn.reinvert_rounds" in p for p in info.value.problems), info.value.problems
+
+
+# --- rounds on real models -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def splits(test_images: ImageSet) -> Splits:
+    return split(test_images, (0.4, 0.3, 0.3), 0)
+
+
+@pytest.fixture(scope="module")
+def policy() -> Policy:
+    return policy_from_dict(
+        {"sanitize": {"forget_size": 400, "unlearn": {"reinvert_rounds": 1}}, "detect": {"batch_size": 16}}
+    )
+
+
+CONFIG = DifferentialConfig(steps=120, batch_size=16, seed=0, max_transfer=0.25)
+
+
+def _decoy_scan(
+    model: ClipBundle, foundation: ClipBundle, splits: Splits
+) -> tuple[DifferentialResult, torch.nn.Module, torch.Tensor]:
+    """A real scan of ``model``, its trigger swapped for a top-left decoy patch (the victim's is bottom-right)."""
+    clf, ref = classifier_for(model), classifier_for(foundation)
+    shadow = splits.forget.pixels()[:128]
+    scan = invert_per_target(clf, shadow, splits.val.pixels(), 10, CONFIG, ref)
+    decoy = _patch(0, 0, 0.5)
+    assert decoy.mask is not None and decoy.pattern is not None
+    return dataclasses.replace(scan, mask=decoy.mask[0], pattern=decoy.pattern), ref, shadow
+
+
+def test_rounds_find_what_the_decoy_missed(
+    badnet_victim: ClipBundle, foundation: ClipBundle, splits: Splits, badnet_trigger: Trigger, policy: Policy
+) -> None:
+    scan, ref, shadow = _decoy_scan(badnet_victim, foundation, splits)
+    clf = classifier_for(badnet_victim)
+    theta_b = visual_state(clf)
+    raw = policy.to_json()
+    raw["sanitize"]["unlearn"]["reinvert_rounds"] = 0
+    off = policy_from_dict(raw)
+    decoy_only = harden(clf, splits, scan, TARGET, off, CONFIG, shadow, ref)
+    assert decoy_only.rounds == () and decoy_only.trigger.count == 1
+    hardened = harden(clf, splits, scan, TARGET, policy, CONFIG, shadow, ref)
+    assert all(torch.equal(v, theta_b[k]) for k, v in visual_state(clf).items()), "theta_b restored"
+    assert len(hardened.rounds) == 1 and hardened.rounds[0].added, hardened.rounds[0].explanation
+    assert hardened.trigger.count == 2
+    first = hardened.rounds[0]
+    assert first.area < 0.5 * first.median_area and first.asr > 0.5 > first.reference_asr
+
+    def true_asr(tau_learned) -> float:  # type: ignore[no-untyped-def]
+        clf.visual.load_state_dict((-tau_learned.tau).apply_to(theta_b, 1.0))
+        m = evaluate(clf, splits.val, badnet_trigger, TARGET)
+        clf.visual.load_state_dict(theta_b)
+        assert m.attack_success_rate is not None
+        return m.attack_success_rate
+
+    before = evaluate(clf, splits.val, badnet_trigger, TARGET).attack_success_rate
+    assert before is not None and before > 0.9
+    decoy_asr, set_asr = true_asr(decoy_only.learned), true_asr(hardened.learned)
+    assert decoy_asr > 0.5, f"the decoy alone should leave the backdoor ({decoy_asr:.3f})"
+    assert set_asr < 0.1 < decoy_asr, (decoy_asr, set_asr)
+
+
+def test_rounds_add_nothing_on_a_clean_model(
+    clean_twin: ClipBundle, foundation: ClipBundle, splits: Splits, policy: Policy
+) -> None:
+    scan, ref, shadow = _decoy_scan(clean_twin, foundation, splits)
+    hardened = harden(classifier_for(clean_twin), splits, scan, TARGET, policy, CONFIG, shadow, ref)
+    assert len(hardened.rounds) == 1 and not hardened.rounds[0].added, hardened.rounds[0].explanation
+    assert hardened.trigger.count == 1
