@@ -466,16 +466,22 @@ SCAN_RULES = (  # (label, family or None for the scan's combined decision, with 
     (f"mask family + transfer check (ref/candidate share ≤ {MAX_TRANSFER}; the default)", "mask", True),
     ("blend family, strength rule only", "blend", False),
     (f"blend family + transfer check (≤ {MAX_TRANSFER})", "blend", True),
-    ("mask + blend, area/strength rules only (flagged when either fires)", None, False),
-    (f"mask + blend + transfer check (≤ {MAX_TRANSFER})", None, True),
+    ("additive family, amplitude rule only", "additive", False),
+    (f"additive family + transfer check (≤ {MAX_TRANSFER})", "additive", True),
+    ("every family of the configuration, score rules only (flagged when any fires)", None, False),
+    (f"every family of the configuration + transfer check (≤ {MAX_TRANSFER})", None, True),
 )
 
 
 def _specific(f: dict[str, Any]) -> bool:
     """The transfer check on one family's record: the inverted trigger moves the reference at most
     ``MAX_TRANSFER`` × as much as the candidate (records without a reference pass)."""
-    ref, cand = f.get("target_reference_asr"), f.get("target_asr")
-    if MAX_TRANSFER is None or ref is None or cand is None:
+    if MAX_TRANSFER is None:
+        return True
+    if "transfer_ratio" in f:  # computed by the product (towards the class the trigger hits)
+        return f["transfer_ratio"] is None or bool(f["transfer_ratio"] <= MAX_TRANSFER)
+    ref, cand = f.get("target_reference_asr"), f.get("target_asr")  # older records: towards the searched class
+    if ref is None or cand is None:
         return True
     return bool(ref / max(cand, 1e-12) <= MAX_TRANSFER)
 
@@ -513,7 +519,8 @@ def scan_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> li
     attacks = sorted({r["attack"] for r in recs if r["attack"] and r["victim"] in ok_attacks})
     tasks = sorted({r["task"] for r in recs if r["defence"] in scans})
     lines = [
-        "One scan per model with the families [mask, blend]; each family's rule (robust z of the smallest per-class "
+        "One scan per model with the configuration's families (scan-differential-blend: mask and blend; "
+        "scan-differential-additive: additive); each family's rule (robust z of the smallest per-class "
         "score below its threshold, or below a fraction of the median) is read from the same record. Positives: "
         "working attacks (ASR ≥ 90%); negatives: clean controls; 'target right' over the flagged positives; "
         "'s' = seconds of that family's inversion (combined: the whole scan) per model, mean per task. Each attack "
@@ -548,30 +555,40 @@ def scan_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> li
             lines.append(row)
     lines += [
         "",
-        "Per model: each family's flag / robust z / score (mask: area fraction; blend: strength a) / ratio to the "
-        "median / inferred class / held-out share sent there on the victim → on the clean reference (transfer "
-        "check); the scan's target (mode of predictions under the deciding family's trigger) and seconds.",
+        "Per model: each family's flag / robust z / score (mask: area fraction; blend: strength a; additive: "
+        "amplitude ε) / ratio to the median / the class searched → the class its trigger actually sends held-out "
+        "images to / that share on the victim → on the clean reference (transfer check); the scan's flag / deciding "
+        "family / target (mode of predictions under the deciding family's trigger) / seconds. Rows of "
+        "`tbar-unlearn-agnostic` are the default detector inside the gate (mask family).",
         "",
-        "| configuration | model | true target | mask: flag / z / score / ratio / class / ASR → ref | "
-        "blend: flag / z / score / ratio / class / ASR → ref | scan: flagged / family / target / s |",
-        "|---|---|---|---|---|---|",
+        "| configuration | model | true target | mask | blend | additive | scan: flagged / family / target / s |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def fam(r: dict[str, Any], name: str) -> str:
         f = (r.get("families") or {}).get(name)
         if f is None:
             return "–"
-        ref = f.get("target_reference_asr")
+        hit = f.get("hit_class", f["target"])
+        share = f.get("hit_asr", f["target_asr"])
+        ref = (
+            f.get("hit_reference_asr", f.get("target_reference_asr"))
+            if "hit_class" in f
+            else f.get("target_reference_asr")
+        )
         return (
-            f"{f['flagged']} / {f['z']:.2f} / {f['score']:.3f} / {f['ratio']:.2f} / {f['target']} / "
-            f"{pct(f['target_asr'])} → {pct(ref)}"
+            f"{f['flagged']} / {f['z']:.2f} / {f['score']:.3f} / {f['ratio']:.2f} / {f['target']} → {hit} / "
+            f"{pct(share)} → {pct(ref)}"
         )
 
-    for r in sorted((r for r in recs if r["defence"] in scans), key=lambda r: (r["defence"], r["victim"])):
+    shown = (*scans, "tbar-unlearn-agnostic")
+    rows = [r for r in recs if r["defence"] in shown and r.get("families")]
+    for r in sorted(rows, key=lambda r: (r["defence"], r["victim"])):
         target = "–" if r["attack"] is None else r["target"]
         tag = " (failed attack)" if r["victim"] in failed else ""
         lines.append(
             f"| {r['defence']} | {r['victim']}{tag} | {target} | {fam(r, 'mask')} | {fam(r, 'blend')} | "
-            f"{r['flagged']} / {r.get('family')} / {r['detected_target']} / {r.get('scan_seconds', 0):.0f} |"
+            f"{fam(r, 'additive')} | {r['flagged']} / {r.get('family')} / {r['detected_target']} / "
+            f"{r.get('scan_seconds', 0):.0f} |"
         )
     return lines

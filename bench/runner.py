@@ -54,6 +54,8 @@ SCANS: dict[str, dict[str, Any]] = {
             }
         }
     },
+    # the additive family alone (the mask family's evidence comes with every gate record)
+    "scan-differential-additive": {"detect": {"differential": {"families": ["additive"]}}},
 }
 SCAN_ONLY = ("decree", *SCANS)  # detectors that only scan (no removal): run on failed attacks too
 DETECTORS = (*AGNOSTIC_METHODS, *SCAN_ONLY)
@@ -417,6 +419,9 @@ def _families_record(det: dict[str, Any], v: VictimSpec) -> dict[str, Any]:
             "target_asr": f["target_asr"],
             "target_reference_asr": f["target_reference_asr"],
             "transfer_ratio": f.get("transfer_ratio"),
+            "hit_class": f.get("hit_class"),
+            "hit_asr": f.get("hit_asr"),
+            "hit_reference_asr": f.get("hit_reference_asr"),
             "seconds": f["seconds"],
         }
         for name, f in det.get("families", {}).items()

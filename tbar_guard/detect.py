@@ -433,12 +433,15 @@ def infer_target(
     min_proxy_asr: float = 0.5,
     min_lift: float = 0.3,
     batch_size: int = 256,
+    apply: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TargetInference:
     """The target class of an inverted trigger (algorithms.md §2.5): the mode of the predictions
     on stamped held-out images, with its share (proxy ASR) against its share on the same images
     un-stamped (a natural majority class is not a backdoor target).
 
     ``classify`` maps pixels [N,3,H,W] in [0,1] to logits [N,C] and normalises internally.
+    ``apply``: stamps a batch with a trigger that is not a mask + pattern (e.g. an additive one);
+    ``mask``/``pattern`` are then unused.
     """
     if images.ndim != 4 or images.shape[0] == 0:
         raise DataError(
@@ -451,7 +454,7 @@ def infer_target(
         batch = images[start : start + batch_size]
         x = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch
         clean.append(_predict(classify, x))
-        stamped.append(_predict(classify, stamp(x, mask, pattern)))
+        stamped.append(_predict(classify, apply(x) if apply is not None else stamp(x, mask, pattern)))
     pred_clean, pred_stamped = torch.cat(clean), torch.cat(stamped)
     counts = torch.bincount(pred_stamped, minlength=int(max(pred_stamped.max(), pred_clean.max())) + 1)
     n = pred_stamped.numel()

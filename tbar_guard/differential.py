@@ -63,6 +63,27 @@ class TargetTrigger:
     area: float  # mask area fraction on the image
     asr: float  # held-out share sent to ``target`` by the candidate
     reference_asr: float  # same, on the reference model (nan without a reference)
+    # where the trigger actually sends held-out images on the candidate (the mode of its predictions):
+    # an inversion for class k that did not reach k can still open the backdoor of another class
+    hit: int = -1  # -1: not measured (then ``target`` is taken)
+    hit_asr: float = math.nan  # held-out share sent to ``hit`` by the candidate
+    hit_reference_asr: float = math.nan  # same, on the reference
+
+
+def _score_trigger(
+    classify: nn.Module, reference: nn.Module | None, stamped: torch.Tensor, target: int, score: float
+) -> TargetTrigger:
+    """The held-out effect of one class's inverted trigger (``stamped``: the held-out images stamped)."""
+    pred = classify(stamped).argmax(1)
+    hit = int(torch.bincount(pred).argmax())
+    ref_pred = reference(stamped).argmax(1) if reference is not None else None
+
+    def share(p: torch.Tensor | None, c: int) -> float:
+        return math.nan if p is None else float((p == c).float().mean())
+
+    return TargetTrigger(
+        target, score, share(pred, target), share(ref_pred, target), hit, share(pred, hit), share(ref_pred, hit)
+    )
 
 
 @dataclass(frozen=True)
@@ -78,7 +99,8 @@ class DifferentialResult:
     explanation: str
     steps: int
     seconds: float
-    family: str = "mask"  # which trigger family produced this result ("mask" or "blend")
+    family: str = "mask"  # which trigger family produced this result ("mask", "blend" or "additive")
+    additive: torch.Tensor | None = None  # additive family: the perturbation [3, H, W] the trigger adds
 
 
 def _freeze(module: nn.Module) -> list[bool]:
@@ -201,11 +223,7 @@ def invert_per_target(
             for i, c in enumerate(searched):
                 m = mask_all[i][None, None]
                 stamped = (1 - m) * held + m * pattern_all[i][None]
-                asr = float((classify(stamped).argmax(1) == c).float().mean())
-                ref_asr = (
-                    float((reference(stamped).argmax(1) == c).float().mean()) if reference is not None else math.nan
-                )
-                per_target.append(TargetTrigger(c, float(mask_all[i].mean()), asr, ref_asr))
+                per_target.append(_score_trigger(classify, reference, stamped, c, float(mask_all[i].mean())))
     finally:
         _restore(classify, flags)
         classify.train(was_training)
@@ -260,12 +278,14 @@ def _patterns(raw: torch.Tensor, size: int) -> torch.Tensor:
 
 def transfer_ratio(t: TargetTrigger) -> float:
     """How much of the inverted trigger's effect carries over to the reference: the share of held-out
-    images it sends to the class on the reference over the share on the candidate (nan without a
-    reference). A backdoor is specific to the model that learned it (small ratio); a universal
-    adversarial patch of the architecture moves both models (large ratio)."""
-    if t.reference_asr != t.reference_asr:
+    images it sends to the class it hits (the mode of the candidate's predictions; its own class when
+    not measured) on the reference over that share on the candidate (nan without a reference). A
+    backdoor is specific to the model that learned it (small ratio); a universal adversarial patch
+    of the architecture moves both models (large ratio)."""
+    cand, ref = (t.hit_asr, t.hit_reference_asr) if t.hit >= 0 else (t.asr, t.reference_asr)
+    if ref != ref:
         return math.nan
-    return t.reference_asr / max(t.asr, 1e-12)
+    return ref / max(cand, 1e-12)
 
 
 def decide(
@@ -302,10 +322,12 @@ def decide(
     if max_transfer is None or transfer != transfer:
         return best, median, z, anomalous, explanation
     specific = transfer <= max_transfer
+    t = per_target[best]
+    hit, cand, ref = (t.hit, t.hit_asr, t.hit_reference_asr) if t.hit >= 0 else (t.target, t.asr, t.reference_asr)
     explanation += (
         f"; transfer to the reference {transfer:.2f} {'<=' if specific else '>'} {max_transfer:g} "
-        f"(held-out share sent to class {per_target[best].target}: {100 * per_target[best].asr:.1f}% on the "
-        f"candidate, {100 * per_target[best].reference_asr:.1f}% on the reference"
+        f"(held-out share the trigger sends to class {hit}: {100 * cand:.1f}% on the candidate, {100 * ref:.1f}% "
+        "on the reference"
         + ("" if specific else ": the trigger moves the reference too, an adversarial patch, not a backdoor")
         + ")"
     )
@@ -324,50 +346,226 @@ def invert_blend_per_target(
     """Search the weakest full-image blend ``(1 − a)·x + a·p`` that sends ``shadow`` to each class;
     score it on ``heldout``. The result's mask is a_k everywhere and its pattern p_k, so the
     inverted trigger is an ordinary mask + pattern trigger."""
-    if shadow.shape[0] < config.batch_size:
+    size = int(shadow.shape[-1])
+
+    def stamp(x: torch.Tensor, a: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        return (1 - a.view(-1, 1, 1, 1, 1)) * x[None] + a.view(-1, 1, 1, 1, 1) * _patterns(raw, size)[:, None]
+
+    run = _invert_global(
+        classify,
+        shadow,
+        heldout,
+        n_classes,
+        _GlobalFamily(
+            config.steps,
+            config.batch_size,
+            config.lr,
+            config.pattern_cells,
+            config.strength_weight,
+            config.reference_weight,
+            config.targets_per_chunk,
+            config.seed + 7919,  # independent of the mask family's draws
+            config.max_seconds,
+            lambda raw: torch.sigmoid(raw),
+            stamp,
+        ),
+        reference,
+        progress,
+    )
+    pt = run.per_target
+    best, median, z, flagged, explanation = decide(
+        pt, config.z_threshold, config.ratio, "full-image blend strength", config.max_transfer
+    )
+    a_best = float(run.scores[best])
+    return DifferentialResult(
+        pt,
+        pt[best].target,
+        torch.full((size, size), a_best),
+        _patterns(run.raw_patterns[best : best + 1], size)[0].cpu(),
+        a_best,
+        median,
+        z,
+        flagged,
+        explanation,
+        run.steps,
+        run.seconds,
+        "blend",
+    )
+
+
+@dataclass(frozen=True)
+class AdditiveConfig:
+    """The full-image additive family: ``x' = clip(x + ε_k·d_k)`` per class k, the signal-type
+    trigger of SIG (a faint sinusoid added to the whole image), which neither a compact mask nor a
+    blend toward a fixed image can express.
+
+    ε_k = ``max_amplitude``·sigmoid(raw) is one scalar per class, the L∞ amplitude of the
+    perturbation (the score); d_k = tanh(raw direction) ∈ [−1, 1] on a ``pattern_cells`` ×
+    ``pattern_cells`` grid, bilinearly upsampled (0: full resolution)."""
+
+    steps: int = 150
+    batch_size: int = 32
+    lr: float = 0.1
+    pattern_cells: int = 0
+    amplitude_weight: float = 5.0  # weight of ε_k in the loss
+    max_amplitude: float = 0.5
+    reference_weight: float = 1.0
+    z_threshold: float | None = None
+    ratio: float = 0.7
+    max_transfer: float | None = None
+    targets_per_chunk: int = 10
+    seed: int = 0
+    max_seconds: float | None = None
+
+
+def _directions(raw: torch.Tensor, size: int) -> torch.Tensor:
+    if raw.shape[-1] != size:
+        raw = F.interpolate(raw, size=(size, size), mode="bilinear", align_corners=False)
+    return torch.tanh(raw)
+
+
+def invert_additive_per_target(
+    classify: nn.Module,
+    shadow: torch.Tensor,
+    heldout: torch.Tensor,
+    n_classes: int,
+    config: AdditiveConfig,
+    reference: nn.Module | None = None,
+    progress: Progress | None = None,
+) -> DifferentialResult:
+    """Search the faintest full-image additive signal that sends ``shadow`` to each class; score it
+    on ``heldout``. The result carries the perturbation in ``additive`` (the trigger for removal);
+    its mask is |perturbation| / ε and its pattern 0.5 + perturbation / 2ε (pictures only)."""
+    size = int(shadow.shape[-1])
+
+    def stamp(x: torch.Tensor, eps: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        return (x[None] + eps.view(-1, 1, 1, 1, 1) * _directions(raw, size)[:, None]).clamp(0, 1)
+
+    run = _invert_global(
+        classify,
+        shadow,
+        heldout,
+        n_classes,
+        _GlobalFamily(
+            config.steps,
+            config.batch_size,
+            config.lr,
+            config.pattern_cells,
+            config.amplitude_weight,
+            config.reference_weight,
+            config.targets_per_chunk,
+            config.seed + 7927,
+            config.max_seconds,
+            lambda raw: config.max_amplitude * torch.sigmoid(raw),
+            stamp,
+        ),
+        reference,
+        progress,
+    )
+    pt = run.per_target
+    best, median, z, flagged, explanation = decide(
+        pt, config.z_threshold, config.ratio, "full-image additive amplitude", config.max_transfer
+    )
+    eps = float(run.scores[best])
+    direction = _directions(run.raw_patterns[best : best + 1], size)[0].cpu()
+    return DifferentialResult(
+        pt,
+        pt[best].target,
+        direction.abs().mean(0),
+        (0.5 + direction / 2).clamp(0, 1),
+        eps,
+        median,
+        z,
+        flagged,
+        explanation,
+        run.steps,
+        run.seconds,
+        "additive",
+        additive=eps * direction,
+    )
+
+
+@dataclass(frozen=True)
+class _GlobalFamily:
+    """A whole-image trigger family: one scalar score per class (its weight in the loss) and one pattern."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    cells: int  # pattern grid (0: full resolution)
+    score_weight: float
+    reference_weight: float
+    targets_per_chunk: int
+    seed: int
+    max_seconds: float | None
+    score: Callable[[torch.Tensor], torch.Tensor]  # raw [k] -> score [k]
+    stamp: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, score, raw) -> [k, B, 3, H, W]
+
+
+@dataclass(frozen=True)
+class _GlobalRun:
+    per_target: tuple[TargetTrigger, ...]
+    scores: torch.Tensor  # [C]
+    raw_patterns: torch.Tensor  # [C, 3, cells, cells]
+    steps: int
+    seconds: float
+
+
+def _invert_global(
+    classify: nn.Module,
+    shadow: torch.Tensor,
+    heldout: torch.Tensor,
+    n_classes: int,
+    family: _GlobalFamily,
+    reference: nn.Module | None,
+    progress: Progress | None,
+) -> _GlobalRun:
+    """The optimisation shared by the whole-image families: per chunk of classes, Adam on (score raw,
+    pattern raw) minimising cross-entropy to the class + score_weight × score (+ the reference KL)."""
+    if shadow.shape[0] < family.batch_size:
         raise DataError(
-            f"{shadow.shape[0]} shadow images are fewer than the batch size {config.batch_size}",
+            f"{shadow.shape[0]} shadow images are fewer than the batch size {family.batch_size}",
             hint="provide more clean images or lower detect.batch_size",
         )
     t0 = time.perf_counter()
     device = next(classify.parameters()).device
     size = int(shadow.shape[-1])
-    cells = config.pattern_cells or size
-    gen = torch.Generator().manual_seed(config.seed + 7919)  # independent of the mask family's draws
+    cells = family.cells or size
+    gen = torch.Generator().manual_seed(family.seed)
     flags = _freeze(classify)
     ref_flags = _freeze(reference) if reference is not None else []
     was_training = classify.training
     classify.eval()
     if reference is not None:
         reference.eval()
-    strengths: list[torch.Tensor] = []
-    patterns: list[torch.Tensor] = []
-    chunks = _chunks(n_classes, config.targets_per_chunk)
-    total = config.steps * len(chunks)
+    scores: list[torch.Tensor] = []
+    raws: list[torch.Tensor] = []
+    chunks = _chunks(n_classes, family.targets_per_chunk)
+    total = family.steps * len(chunks)
     done = 0
+    bs = family.batch_size
     try:
         ref_clean = _reference_predictions(reference, shadow, device)
         for chunk in chunks:
             k = len(chunk)
-            a_raw = (torch.rand(k, generator=gen) * 0.2 - 3).to(device)
+            s_raw = (torch.rand(k, generator=gen) * 0.2 - 3).to(device)
             p_raw = torch.randn(k, 3, cells, cells, generator=gen).to(device)
-            a_raw.requires_grad_(True)
+            s_raw.requires_grad_(True)
             p_raw.requires_grad_(True)
-            opt = torch.optim.Adam([a_raw, p_raw], lr=config.lr)
-            targets = torch.tensor(chunk, device=device).repeat_interleave(config.batch_size)
-            for _ in range(config.steps):
-                idx = torch.randint(0, shadow.shape[0], (config.batch_size,), generator=gen)
+            opt = torch.optim.Adam([s_raw, p_raw], lr=family.lr)
+            targets = torch.tensor(chunk, device=device).repeat_interleave(bs)
+            for _ in range(family.steps):
+                idx = torch.randint(0, shadow.shape[0], (bs,), generator=gen)
                 x = shadow[idx].to(device)
-                a = torch.sigmoid(a_raw).view(k, 1, 1, 1, 1)
-                pat = _patterns(p_raw, size)
-                stamped = ((1 - a) * x[None] + a * pat[:, None]).reshape(k * config.batch_size, 3, size, size)
+                score = family.score(s_raw)
+                stamped = family.stamp(x, score, p_raw).reshape(k * bs, 3, size, size)
                 ce = F.cross_entropy(classify(stamped), targets, reduction="none").view(k, -1).mean(1)
-                loss_k = ce + config.strength_weight * torch.sigmoid(a_raw)
+                loss_k = ce + family.score_weight * score
                 if reference is not None and ref_clean is not None:
                     log_ref = F.log_softmax(reference(stamped), 1)
                     teacher = ref_clean[idx.to(device)].repeat(k, 1)
                     kl = F.kl_div(log_ref, teacher, reduction="none").sum(1).view(k, -1).mean(1)
-                    loss_k = loss_k + config.reference_weight * kl
+                    loss_k = loss_k + family.reference_weight * kl
                 loss = loss_k.sum()
                 if not torch.isfinite(loss):
                     raise RemovalError(f"trigger inversion loss became {loss.item()}", hint="the model may be broken")
@@ -377,45 +575,21 @@ def invert_blend_per_target(
                 done += 1
                 if progress is not None:
                     progress(done, total)
-                if config.max_seconds is not None and time.perf_counter() - t0 > config.max_seconds:
+                if family.max_seconds is not None and time.perf_counter() - t0 > family.max_seconds:
                     break
-            with torch.no_grad():
-                strengths.append(torch.sigmoid(a_raw).detach())
-                patterns.append(_patterns(p_raw, size).detach())
-        strength_all = torch.cat(strengths)  # [C]
-        pattern_all = torch.cat(patterns)  # [C, 3, H, W]
+            scores.append(family.score(s_raw).detach())
+            raws.append(p_raw.detach())
+        score_all = torch.cat(scores)  # [C]
+        raw_all = torch.cat(raws)  # [C, 3, cells, cells]
         per_target = []
         with torch.no_grad():
             held = heldout.to(device)
             for c in range(n_classes):
-                a_c = float(strength_all[c])
-                stamped = (1 - a_c) * held + a_c * pattern_all[c][None]
-                asr = float((classify(stamped).argmax(1) == c).float().mean())
-                ref_asr = (
-                    float((reference(stamped).argmax(1) == c).float().mean()) if reference is not None else math.nan
-                )
-                per_target.append(TargetTrigger(c, a_c, asr, ref_asr))
+                stamped = family.stamp(held, score_all[c : c + 1], raw_all[c : c + 1])[0]
+                per_target.append(_score_trigger(classify, reference, stamped, c, float(score_all[c])))
     finally:
         _restore(classify, flags)
         classify.train(was_training)
         if reference is not None:
             _restore(reference, ref_flags)
-    pt = tuple(per_target)
-    best, median, z, flagged, explanation = decide(
-        pt, config.z_threshold, config.ratio, "full-image blend strength", config.max_transfer
-    )
-    a_best = float(strength_all[best])
-    return DifferentialResult(
-        pt,
-        pt[best].target,
-        torch.full((size, size), a_best),
-        pattern_all[best].cpu(),
-        a_best,
-        median,
-        z,
-        flagged,
-        explanation,
-        done,
-        time.perf_counter() - t0,
-        "blend",
-    )
+    return _GlobalRun(tuple(per_target), score_all.cpu(), raw_all.cpu(), done, time.perf_counter() - t0)

@@ -26,9 +26,11 @@ from tbar_guard.bundle import ClipBundle, atomic_directory, require_new_output, 
 from tbar_guard.clip import ZeroShotClassifier, classifier_for, full_state
 from tbar_guard.data import ImageSet, Splits
 from tbar_guard.differential import (
+    AdditiveConfig,
     BlendConfig,
     DifferentialConfig,
     DifferentialResult,
+    invert_additive_per_target,
     invert_blend_per_target,
     invert_per_target,
     transfer_ratio,
@@ -58,6 +60,11 @@ class Scan:
     family: str = "mask"  # trigger family of the inverted trigger (differential: the one that fired most strongly)
     searched: tuple[str, ...] = ("mask",)  # trigger families the scan searched
     inversion: DifferentialResult | None = None  # differential: the deciding family's per-class result
+    trigger: Trigger | None = None  # the inverted trigger as stamped (None: the mask + pattern above)
+
+    def inverted_trigger(self) -> Trigger:
+        """The inverted trigger removal and pictures use (an additive family's is not a mask + pattern)."""
+        return self.trigger if self.trigger is not None else Trigger.from_mask(self.mask, self.pattern)
 
 
 def decree_config(policy: Policy) -> detect.InversionConfig:
@@ -107,7 +114,27 @@ def blend_config(policy: Policy) -> BlendConfig:
     )
 
 
-FAMILY_WORDS = {"mask": "small-mask", "blend": "full-image blend"}
+def additive_config(policy: Policy) -> AdditiveConfig:
+    d = policy.detect
+    o = d.differential
+    a = o.additive
+    return AdditiveConfig(
+        steps=o.steps,
+        batch_size=d.batch_size,
+        pattern_cells=a.pattern_cells,
+        amplitude_weight=a.amplitude_weight,
+        max_amplitude=a.max_amplitude,
+        reference_weight=o.reference_weight,
+        z_threshold=a.z_threshold,
+        ratio=a.ratio,
+        max_transfer=o.max_transfer,
+        targets_per_chunk=o.targets_per_chunk,
+        seed=policy.seed,
+        max_seconds=d.max_seconds,
+    )
+
+
+FAMILY_WORDS = {"mask": "small-mask", "blend": "full-image blend", "additive": "full-image additive"}
 
 
 def run_differential(
@@ -129,9 +156,19 @@ def run_differential(
             results[family] = invert_per_target(
                 clf, shadow, heldout, n_classes, differential_config(policy), reference, _stage(progress, "inversion")
             )
-        else:
+        elif family == "blend":
             results[family] = invert_blend_per_target(
                 clf, shadow, heldout, n_classes, blend_config(policy), reference, _stage(progress, "inversion (blend)")
+            )
+        else:
+            results[family] = invert_additive_per_target(
+                clf,
+                shadow,
+                heldout,
+                n_classes,
+                additive_config(policy),
+                reference,
+                _stage(progress, "inversion (additive)"),
             )
     fired = [r for r in results.values() if r.flagged]
     deciding = min(fired, key=lambda r: r.z) if fired else next(iter(results.values()))
@@ -158,6 +195,10 @@ def _family_json(r: DifferentialResult, z_threshold: float | None, ratio_thresho
         # transfer check: the share the inverted trigger sends to the target on the clean reference
         "target_reference_asr": None if math.isnan(hit.reference_asr) else hit.reference_asr,
         "transfer_ratio": None if math.isnan(transfer) else transfer,
+        # where the trigger actually sends held-out images (the mode of the candidate's predictions)
+        "hit_class": hit.hit if hit.hit >= 0 else hit.target,
+        "hit_asr": hit.hit_asr if hit.hit >= 0 else hit.asr,
+        "hit_reference_asr": None if math.isnan(hit.hit_reference_asr) else hit.hit_reference_asr,
         "steps": r.steps,
         "seconds": r.seconds,
         "per_class": [
@@ -260,6 +301,7 @@ def run_scan(
         thresholds: dict[str, tuple[float | None, float]] = {
             "mask": (o.z_threshold, o.area_ratio),
             "blend": (o.blend.z_threshold, o.blend.ratio),
+            "additive": (o.additive.z_threshold, o.additive.ratio),
         }
         details = {
             "family": result.family,
@@ -313,8 +355,19 @@ def run_scan(
         out: torch.Tensor = clf(pixels.to(device))
         return out
 
+    trigger = (
+        Trigger(None, int(shadow.shape[-1]), additive=deciding.additive)
+        if deciding is not None and deciding.additive is not None
+        else None
+    )
     target = detect.infer_target(
-        classify, splits.val.pixels(), mask, pattern, min_proxy_asr=d.min_proxy_asr, min_lift=d.min_lift
+        classify,
+        splits.val.pixels(),
+        mask,
+        pattern,
+        min_proxy_asr=d.min_proxy_asr,
+        min_lift=d.min_lift,
+        apply=None if trigger is None else trigger.apply,
     )
     return Scan(
         d.method,
@@ -331,6 +384,7 @@ def run_scan(
         family,
         searched,
         deciding,
+        trigger,
     )
 
 
@@ -358,7 +412,7 @@ def scan_json(scan: Scan, task_names: tuple[str, ...]) -> dict[str, Any]:
 def write_pictures(
     directory: Path, scan: Scan, clf: ZeroShotClassifier, images: ImageSet, names: tuple[str, ...]
 ) -> dict[str, str]:
-    trigger = Trigger.from_mask(scan.mask, scan.pattern)
+    trigger = scan.inverted_trigger()
     sample = images.pixels()[:8]
     stamped = trigger.apply(sample)
     device = next(clf.parameters()).device
@@ -394,10 +448,11 @@ def not_clean_claim(scan: Scan) -> str:
 
 
 def _not_searched(scan: Scan) -> str:
-    if "blend" in scan.searched:
+    if "blend" in scan.searched or "additive" in scan.searched:
         return (
-            "that the model is clean: warping (WaNet), input-specific and other non-blend triggers are not searched "
-            "for, and a blend or patch backdoor weaker than the clean classes' universal triggers is not anomalous"
+            f"that the model is clean: only {searched_words(scan)} triggers were searched for (warping, "
+            "input-specific and other triggers were not), and a backdoor weaker than the clean classes' universal "
+            "triggers is not anomalous"
         )
     return (
         "that the model is clean: large-area, blended, warping (WaNet), frequency (SIG) and input-specific "
@@ -422,11 +477,10 @@ def claims(scan: Scan, verdict: str, names: tuple[str, ...]) -> dict[str, Any]:
         not_established.append(_not_searched(scan))
         claim = not_clean_claim(scan)
     else:
-        size = (
-            f"blend strength {scan.pl1:.3f} over the whole image"
-            if scan.family == "blend"
-            else f"area {scan.pl1:.3f} of the image"
-        )
+        size = {
+            "blend": f"blend strength {scan.pl1:.3f} over the whole image",
+            "additive": f"amplitude {scan.pl1:.3f} (L-inf, pixels in [0, 1]) over the whole image",
+        }.get(scan.family, f"area {scan.pl1:.3f} of the image")
         established.append(
             f"a {words} trigger ({size}) sends {100 * tgt.proxy_asr:.0f}% of stamped "
             f"held-out images to class {tgt.target} ({names[tgt.target]})"
@@ -522,7 +576,7 @@ def gate(
         verdict = "unremoved"
         reason = f"{result.explanation}; but the inverted trigger is not actionable: {result.target.reason}"
     else:
-        inverted = Trigger.from_mask(result.mask, result.pattern)
+        inverted = result.inverted_trigger()
         under = for_inverted_trigger(policy)
         if (
             under.sanitize.method == "unlearn"
@@ -578,7 +632,8 @@ def gate(
     if removal is not None:
         report.update(removal_json(removal))
         report["trigger_description"] = (
-            f"inverted ({result.method}, {FAMILY_WORDS.get(result.family, result.family)} family: mask + pattern)"
+            f"inverted ({result.method}, {FAMILY_WORDS.get(result.family, result.family)} family: "
+            + ("additive signal)" if result.family == "additive" else "mask + pattern)")
         )
         if hardened is not None:
             report["reinversion"] = {

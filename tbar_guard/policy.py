@@ -123,7 +123,7 @@ class DecreePolicy(_Section):
     normalization: Literal["model", "imagenet"] = "model"
 
 
-DifferentialFamily = Literal["mask", "blend"]
+DifferentialFamily = Literal["mask", "blend", "additive"]
 
 
 class BlendFamilyPolicy(_Section):
@@ -139,6 +139,20 @@ class BlendFamilyPolicy(_Section):
         return self
 
 
+class AdditiveFamilyPolicy(_Section):
+    pattern_cells: int = Field(0, ge=0)
+    amplitude_weight: float = Field(5.0, gt=0)
+    max_amplitude: float = Field(0.5, gt=0, le=1)
+    z_threshold: float | None = Field(None, lt=0)
+    ratio: float = Field(0.7, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> AdditiveFamilyPolicy:
+        if self.z_threshold is None and self.ratio == 0:
+            raise ValueError("z_threshold is null and ratio is 0: the additive family could never flag anything")
+        return self
+
+
 class DifferentialPolicy(_Section):
     families: tuple[DifferentialFamily, ...] = Field(("mask",), min_length=1)
     steps: int = Field(150, ge=1)
@@ -150,6 +164,7 @@ class DifferentialPolicy(_Section):
     max_transfer: float | None = Field(0.25, gt=0, le=1)
     targets_per_chunk: int = Field(10, ge=1)
     blend: BlendFamilyPolicy = BlendFamilyPolicy()
+    additive: AdditiveFamilyPolicy = AdditiveFamilyPolicy()
 
     @model_validator(mode="after")
     def _families_distinct(self) -> DifferentialPolicy:
@@ -296,7 +311,8 @@ detect:                  # trigger inversion (scan, gate)
     #   mask:  a compact mask + pattern (patches: BadNet; also finds some blends)
     #   blend: a full-image blend (1 - a) x + a p with one strength a per class (Blended, SIG);
     #          opt-in: on the benchmark zoo it found nothing the mask family missed, at twice the time
-    families: [mask]     # one or more of: mask, blend
+    #   additive: a faint full-image signal x + eps d with one amplitude eps per class (SIG)
+    families: [mask]     # one or more of: mask, blend, additive
     steps: 150           # optimisation steps per chunk of classes (each family)
     mask_cells: 7        # the mask is a 7x7 grid upsampled to the image (no scattered pixels)
     area_weight: 5.0     # weight of the mask area in the loss
@@ -311,6 +327,12 @@ detect:                  # trigger inversion (scan, gate)
       strength_weight: 5.0   # weight of the blend strength a in the loss
       z_threshold: null      # flag when the smallest per-class strength has a robust z-score below this (null = off)
       ratio: 0.7             # ... or is smaller than this fraction of the median strength (0 = off)
+    additive:            # options of the additive family (rule fixed on the MNIST development zoo)
+      pattern_cells: 0       # the signal is a grid of this side upsampled to the image (0 = full resolution)
+      amplitude_weight: 5.0  # weight of the amplitude eps in the loss
+      max_amplitude: 0.5     # eps = max_amplitude * sigmoid(raw): the largest L-inf amplitude searched
+      z_threshold: null      # flag when the smallest per-class amplitude has a robust z-score below this (null = off)
+      ratio: 0.7             # ... or is smaller than this fraction of the median amplitude (0 = off)
   decree:
     steps: 300           # optimisation steps (batches); the paper runs up to 1000 epochs
     rule: calibrated     # calibrated: compare PL1 with the references; paper: PL1 < paper_threshold

@@ -28,7 +28,7 @@ from torch import nn
 from tbar_guard.attacks import Trigger
 from tbar_guard.clip import ZeroShotClassifier, visual_state
 from tbar_guard.data import Splits
-from tbar_guard.differential import DifferentialConfig, DifferentialResult, decide, invert_per_target, robust_z
+from tbar_guard.differential import DifferentialConfig, DifferentialResult, invert_per_target, robust_z, transfer_ratio
 from tbar_guard.policy import Policy
 from tbar_guard.sanitize import LearnedVector, build_forget_set, forget_indices, learn_trigger_vector
 
@@ -125,12 +125,28 @@ def harden(
         finally:
             clf.visual.load_state_dict(theta_b)
         hit = again.per_target[0]
-        others = tuple(hit if t.target == target else t for t in scan.per_target)
-        best, median, _, flagged, explanation = decide(
-            others, config.z_threshold, config.area_ratio, "trigger (mask area) of the image", config.max_transfer
+        others = [hit if t.target == target else t for t in scan.per_target]
+        median, z = robust_z(torch.tensor([t.area for t in others]), [t.target for t in others].index(target))
+        ratio = hit.area / max(median, 1e-12)
+        anomalous = z < config.z_threshold or ratio < config.area_ratio
+        transfer = transfer_ratio(hit)
+        specific = config.max_transfer is None or math.isnan(transfer) or transfer <= config.max_transfer
+        added = anomalous and specific
+        explanation = (
+            f"class {target} re-inverted on the unlearned model: {100 * hit.area:.1f}% of the image vs the scan's "
+            f"median {100 * median:.1f}% (robust z {z:.2f}, {ratio:.2f} x the median; anomalous below z "
+            f"{config.z_threshold} or {config.area_ratio:g} x)"
+            + (
+                ""
+                if math.isnan(transfer)
+                else f"; transfer to the reference {transfer:.2f} (max {config.max_transfer})"
+            )
+            + (
+                "; still a backdoor trigger: added"
+                if added
+                else "; not an anomalous, specific trigger: the rounds stop"
+            )
         )
-        added = flagged and others[best].target == target
-        _, z = robust_z(torch.tensor([t.area for t in others]), [t.target for t in others].index(target))
         rounds.append(
             ReinversionRound(
                 len(members),

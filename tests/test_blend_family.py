@@ -18,9 +18,17 @@ from tbar_guard.attacks import Trigger, build_trigger, parse_trigger
 from tbar_guard.bundle import ClipBundle, save_model
 from tbar_guard.clip import classifier_for
 from tbar_guard.data import ImageSet, split
-from tbar_guard.differential import BlendConfig, TargetTrigger, decide, invert_blend_per_target, transfer_ratio
+from tbar_guard.differential import (
+    AdditiveConfig,
+    BlendConfig,
+    TargetTrigger,
+    decide,
+    invert_additive_per_target,
+    invert_blend_per_target,
+    transfer_ratio,
+)
 from tbar_guard.errors import PolicyError
-from tbar_guard.gate import blend_config, gate, run_differential
+from tbar_guard.gate import additive_config, blend_config, gate, run_differential
 from tbar_guard.policy import Policy, policy_from_dict
 from tbar_guard.zoo import finetune_victim
 
@@ -107,6 +115,11 @@ def test_transfer_check_vetoes_a_trigger_that_moves_the_reference() -> None:
     assert math.isnan(transfer_ratio(no_reference[0]))
     _, _, _, flagged, why = decide(no_reference, -2.5, 0.5, "mask", max_transfer=0.25)
     assert flagged and "transfer" not in why  # nothing to check against: the area rule decides
+    # an inversion for class 0 that missed class 0 but opens the backdoor of class 7: judged by where it sends images
+    elsewhere = (TargetTrigger(0, 0.05, 0.0, 0.0, hit=7, hit_asr=0.96, hit_reference_asr=0.06), *_scores(spread)[1:])
+    assert transfer_ratio(elsewhere[0]) == pytest.approx(0.06 / 0.96)
+    _, _, _, flagged, why = decide(elsewhere, -2.5, 0.5, "mask", max_transfer=0.25)
+    assert flagged and "sends to class 7: 96.0% on the candidate, 6.0% on the reference" in why
     assert Policy().detect.differential.max_transfer == 0.25
     with pytest.raises(PolicyError):
         policy_from_dict({"detect": {"differential": {"max_transfer": 0}}})
@@ -129,6 +142,21 @@ def test_blend_trigger_is_a_mask_pattern_trigger(foundation: ClipBundle, splits)
     assert torch.allclose(trig.apply(x), expected, atol=1e-6)
     assert all(t.reference_asr != t.reference_asr for t in r.per_target)  # nan: no reference given
     assert all(p.requires_grad for p in clf.parameters())  # the model is left as it was
+
+
+def test_additive_trigger_adds_a_signal(foundation: ClipBundle, splits) -> None:  # type: ignore[no-untyped-def]
+    clf = classifier_for(foundation)
+    shadow, held = splits.forget.pixels()[:32], splits.val.pixels()[:64]
+    r = invert_additive_per_target(clf, shadow, held, 10, AdditiveConfig(steps=3, batch_size=8, max_amplitude=0.4))
+    assert r.family == "additive" and r.steps == 3 and len(r.per_target) == 10
+    assert r.area == min(t.area for t in r.per_target) and 0 < r.area < 0.4
+    assert r.additive is not None and r.additive.shape == (3, 28, 28)
+    assert float(r.additive.abs().max()) <= r.area + 1e-6  # the score is the L-inf amplitude
+    trig = Trigger(None, 28, additive=r.additive)
+    x = held[:4]
+    assert torch.allclose(trig.apply(x), torch.round((x + r.additive).clamp(0, 1) * 255) / 255, atol=1e-6)
+    for t in r.per_target:  # each trigger's own class and the class it actually hits
+        assert 0 <= t.hit < 10 and t.hit_asr >= t.asr - 1e-9
 
 
 def test_mask_family_is_the_same_with_or_without_blend(
@@ -170,6 +198,45 @@ def test_blend_family_finds_sig_with_the_right_target_and_not_the_twin(  # type:
 
 
 @pytest.mark.slow
+def test_additive_family_finds_sig_and_not_the_twin(  # type: ignore[no-untyped-def]
+    foundation: ClipBundle, sig_victim: ClipBundle, clean_twin: ClipBundle, splits
+) -> None:
+    ref = classifier_for(foundation)
+    shadow, held = splits.forget.pixels()[:256], splits.val.pixels()
+    config = additive_config(Policy())
+    r = invert_additive_per_target(classifier_for(sig_victim), shadow, held, 10, config, ref)
+    assert r.flagged and r.target == TARGET, r.explanation
+    assert transfer_ratio(r.per_target[TARGET]) <= 0.25
+    twin = invert_additive_per_target(classifier_for(clean_twin), shadow, held, 10, config, ref)
+    assert not twin.flagged, twin.explanation
+    assert r.area < twin.area
+
+
+@pytest.mark.slow
+def test_gate_hands_an_additive_trigger_to_removal(  # type: ignore[no-untyped-def]
+    foundation: ClipBundle, sig_victim: ClipBundle, test_npz: Path, tmp_path: Path
+) -> None:
+    save_model(tmp_path / "base", foundation)
+    save_model(tmp_path / "victim", sig_victim)
+    policy = policy_from_dict(
+        {
+            "detect": {"reference_models": [str(tmp_path / "base")], "differential": {"families": ["additive"]}},
+            "sanitize": {"reemergence": {"enabled": False}, "disentanglement": {"enabled": False}},
+            "trigger": {"kind": "sig"},
+            "target": "0",
+        }
+    )
+    r = gate(tmp_path / "victim", test_npz, policy, tmp_path / "out").report
+    det = r["detection"]
+    assert det["flagged"] and det["family"] == "additive" and det["target_index"] == TARGET
+    assert "additive signal" in r["trigger_description"] and "reinversion" not in r  # rounds: mask family only
+    assert r["claim"].startswith("a full-image additive backdoor was found")
+    assert r["true_trigger"]["before"]["attack_success_rate"] > 0.8
+    assert r["true_trigger"]["after"]["attack_success_rate"] < 0.2, r["reason"]
+    assert (tmp_path / "out" / "examples.png").is_file()
+
+
+@pytest.mark.slow
 def test_gate_hands_a_blend_trigger_to_removal(  # type: ignore[no-untyped-def]
     foundation: ClipBundle, sig_victim: ClipBundle, test_npz: Path, tmp_path: Path
 ) -> None:
@@ -191,6 +258,6 @@ def test_gate_hands_a_blend_trigger_to_removal(  # type: ignore[no-untyped-def]
     assert r["claim"].startswith("a full-image blend backdoor was found")
     assert any("transfer check" in e for e in r["established"])
     markdown = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
-    assert "| blend | yes | 0 |" in markdown and "ASR on the reference (transfer)" in markdown
+    assert "| blend | yes | 0 |" in markdown and "transfer (reference / this model)" in markdown
     assert r["true_trigger"]["before"]["attack_success_rate"] > 0.8
     assert r["true_trigger"]["after"]["attack_success_rate"] < r["true_trigger"]["before"]["attack_success_rate"]
