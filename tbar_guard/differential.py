@@ -294,15 +294,21 @@ def decide(
     ratio_threshold: float,
     what: str,
     max_transfer: float | None = None,
+    min_share: float = 0.5,
 ) -> tuple[int, float, float, bool, str]:
     """(index into ``per_target`` of the smallest score, median score, robust z, flagged, explanation).
 
-    The smallest per-class score is anomalous when its robust z-score is below ``z_threshold``
-    (None: never) or it is below ``ratio_threshold`` × the median (0: never). With ``max_transfer``
-    and a reference, an anomalous class is flagged only when its trigger is specific to the
-    candidate: :func:`transfer_ratio` ≤ ``max_transfer``."""
+    Only triggers that work compete for the smallest score: an inversion whose trigger sends fewer
+    than ``min_share`` of the held-out images to any one class (the class it hits) just shrank its
+    mask or amplitude to nothing, and its score means nothing (when no trigger works, all compete).
+    The smallest score is anomalous when its robust z-score among all classes is below
+    ``z_threshold`` (None: never) or it is below ``ratio_threshold`` × the median (0: never). With
+    ``max_transfer`` and a reference, an anomalous class is flagged only when its trigger is
+    specific to the candidate: :func:`transfer_ratio` ≤ ``max_transfer``."""
     scores = torch.tensor([t.area for t in per_target])
-    best = int(scores.argmin())
+    working = torch.tensor([(t.hit_asr if t.hit >= 0 else t.asr) >= min_share for t in per_target])
+    pool = scores.masked_fill(~working, math.inf) if bool(working.any()) else scores
+    best = int(pool.argmin())
     median, z = robust_z(scores, best)
     ratio = per_target[best].area / max(median, 1e-12)
     by_z = z_threshold is not None and z < z_threshold

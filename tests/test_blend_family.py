@@ -100,6 +100,17 @@ def test_decide_by_ratio_and_by_z() -> None:
     assert best == 9 and z < -2.5 and flagged and "robust z" in why
 
 
+def test_a_trigger_that_does_nothing_does_not_compete() -> None:
+    spread = [0.20, 0.21, 0.19, 0.22, 0.20, 0.21, 0.19, 0.20, 0.22]
+    shrunk = (TargetTrigger(0, 0.01, 0.12, 0.11, hit=3, hit_asr=0.2, hit_reference_asr=0.2), *_scores(spread)[1:])
+    best, median, _, flagged, why = decide(shrunk, -2.5, 0.5, "mask")
+    assert best != 0 and not flagged, why  # the 1% mask sends no more than 20% anywhere: not a trigger
+    assert median == pytest.approx(0.20)
+    nothing_works = tuple(TargetTrigger(i, v, 0.1, 0.1) for i, v in enumerate([0.01, *spread]))
+    best, _, _, flagged, _ = decide(nothing_works, -2.5, 0.5, "mask")
+    assert best == 0 and flagged  # when no trigger works, every class competes (as before)
+
+
 def test_transfer_check_vetoes_a_trigger_that_moves_the_reference() -> None:
     spread = [0.20, 0.21, 0.19, 0.22, 0.20, 0.21, 0.19, 0.20, 0.22]
     specific = (TargetTrigger(0, 0.05, 0.99, 0.12), *_scores(spread)[1:])  # ratio 0.12
