@@ -311,7 +311,7 @@ def targets_table(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> 
             f"| stays removed: re-emergence ASR ≤ 10% on every victim | `{defence}` | "
             f"{sum(ok)}/{len(rs)} victims removed and ≤ 10%{worst} | {'met' if len(ok) == len(rs) and all(ok) else 'MISSED'} |"
         )
-    for defence in (*AGNOSTIC_TBAR, *sorted({r["defence"] for r in recs if r["defence"].startswith("scan-")})):
+    for defence in AGNOSTIC_TBAR:  # the scan-only configurations are judged per rule in "Detector configurations"
         det = [r for r in recs if r["defence"] == defence and "flagged" in r]
         pos = [bool(r["flagged"]) for r in det if r["victim"] in ok_attacks]
         neg = [bool(r["flagged"]) for r in det if r["attack"] is None]
@@ -320,7 +320,7 @@ def targets_table(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> 
         ok = bool(pos) and bool(neg) and sum(pos) / len(pos) >= 0.95 and sum(neg) / len(neg) <= 0.05
         verdict = "met" if ok else ("MISSED" if pos and neg else "not measured (no victims or no clean controls)")
         rows.append(
-            f"| detection (default detector): TPR ≥ 95% at FPR ≤ 5% | `{defence}` | TPR {_rate(pos)}, FPR {_rate(neg)} | "
+            f"| detection (the gate's detector, as run): TPR ≥ 95% at FPR ≤ 5% | `{defence}` | TPR {_rate(pos)}, FPR {_rate(neg)} | "
             f"{verdict} |"
         )
     return rows
@@ -330,8 +330,16 @@ def detection_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) 
     ok_attacks = {v["name"] for v in victims if v["attack"] and not v["failed_attack"]}
     failed = {v["name"] for v in victims if v["failed_attack"]}
     rules = (
-        ("differential (default; reference = base model)", "tbar-agnostic", "flagged"),
-        ("differential (gate of tbar-unlearn-agnostic)", "tbar-unlearn-agnostic", "flagged"),
+        (
+            "differential, area rule only (gate of tbar-agnostic: first seeds, before the transfer check)",
+            "tbar-agnostic",
+            "flagged",
+        ),
+        (
+            "differential, the default rule (gate of tbar-unlearn-agnostic; reference = base model)",
+            "tbar-unlearn-agnostic",
+            "flagged",
+        ),
         ("DECREE, paper rule (PL1 < 0.1)", "decree", "flagged_paper"),
         ("DECREE, calibrated (PL1 < 0.5 × base model's PL1)", "decree", "flagged_calibrated"),
     )

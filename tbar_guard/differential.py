@@ -231,7 +231,7 @@ def invert_per_target(
             _restore(reference, ref_flags)
     pt = tuple(per_target)
     best, median, z, flagged, explanation = decide(
-        pt, config.z_threshold, config.area_ratio, "trigger (mask area) of the image", config.max_transfer
+        pt, config.z_threshold, config.area_ratio, "mask (share of the image)", config.max_transfer
     )
     return DifferentialResult(
         pt,
