@@ -30,7 +30,7 @@ from tbar_guard.clip import ZeroShotClassifier, visual_state
 from tbar_guard.data import Splits
 from tbar_guard.differential import DifferentialConfig, DifferentialResult, invert_per_target, robust_z, transfer_ratio
 from tbar_guard.policy import Policy
-from tbar_guard.sanitize import LearnedVector, build_forget_set, forget_indices, learn_trigger_vector
+from tbar_guard.sanitize import LearnedVector, learn_on_forget_set
 
 Progress = Callable[[str, int, int], None]
 
@@ -87,31 +87,23 @@ def harden(
     is θ_b on entry and on return)."""
     members = [Trigger.from_mask(scan.mask, scan.pattern)]
     theta_b = visual_state(clf)
-    seed, size = policy.seed, policy.sanitize.forget_size
-    used = forget_indices(splits.forget, target, size, seed)
-    true_labels = splits.forget.labels[used]
     heldout = splits.val.pixels()
     rounds: list[ReinversionRound] = []
     max_rounds = policy.sanitize.unlearn.reinvert_rounds
     while True:
-        trigger = Trigger.from_masks(members)
-        pixels, labels, twins = build_forget_set(splits.forget, trigger, target, size, seed)
-        t0 = time.perf_counter()
-        tau, steps = learn_trigger_vector(
+        learned = learn_on_forget_set(
             clf,
-            pixels,
-            labels,
-            twins,
-            true_labels,
+            splits,
+            Trigger.from_masks(members),
+            target,
             policy,
             (lambda d, t: progress(f"fine-tune ({len(members)} triggers)", d, t)) if progress else None,
         )
-        learned = LearnedVector(tau, steps, time.perf_counter() - t0)
         if len(rounds) >= max_rounds:
             break
         t1 = time.perf_counter()
         try:
-            clf.visual.load_state_dict((-tau).apply_to(theta_b, 1.0))
+            clf.visual.load_state_dict((-learned.tau).apply_to(theta_b, 1.0))
             again = invert_per_target(
                 clf,
                 shadow,

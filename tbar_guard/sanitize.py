@@ -289,6 +289,23 @@ def learn_trigger_vector(
     return tau, steps
 
 
+def learn_on_forget_set(
+    clf: ZeroShotClassifier,
+    splits: Splits,
+    trigger: Trigger,
+    target: int,
+    policy: Policy,
+    progress: Callable[[int, int], None] | None = None,
+) -> LearnedVector:
+    """τ of the policy's method on the forget set ``remove_backdoor`` builds for (trigger, target)."""
+    size, seed = policy.sanitize.forget_size, policy.seed
+    used = forget_indices(splits.forget, target, size, seed)
+    pixels, labels, twins = build_forget_set(splits.forget, trigger, target, size, seed)
+    t0 = time.perf_counter()
+    tau, steps = learn_trigger_vector(clf, pixels, labels, twins, splits.forget.labels[used], policy, progress)
+    return LearnedVector(tau, steps, time.perf_counter() - t0)
+
+
 def for_inverted_trigger(policy: Policy) -> Policy:
     """The policy a removal with an *inverted* trigger runs under: ``sanitize.agnostic_method``, when
     set, replaces ``sanitize.method`` (the method that removes a real trigger best need not be the
@@ -343,21 +360,11 @@ def remove_backdoor(
         )
 
     used = forget_indices(splits.forget, target, policy.sanitize.forget_size, seed)
-    pixels, labels, twins = build_forget_set(splits.forget, trigger, target, policy.sanitize.forget_size, seed)
     if learned is None:
-        t0 = time.perf_counter()
-        tau, steps = learn_trigger_vector(
-            clf,
-            pixels,
-            labels,
-            twins,
-            splits.forget.labels[used],
-            policy,
-            (lambda d, t: progress("fine-tune", d, t)) if progress else None,
+        learned = learn_on_forget_set(
+            clf, splits, trigger, target, policy, (lambda d, t: progress("fine-tune", d, t)) if progress else None
         )
-        seconds_ft = time.perf_counter() - t0
-    else:
-        tau, steps, seconds_ft = learned.tau, learned.steps, learned.seconds
+    tau, steps, seconds_ft = learned.tau, learned.steps, learned.seconds
     base_norm = TaskVector.between({k: torch.zeros_like(v) for k, v in theta_b.items()}, theta_b).norm()
     negated = -tau
 
@@ -403,7 +410,7 @@ def remove_backdoor(
 
     disentanglement = None
     if policy.sanitize.disentanglement.enabled and choice.alpha > 0:  # at α = 0 nothing was negated
-        disentanglement = _disentanglement(clf, splits, trigger, tau, choice.alpha, int(labels.shape[0]), policy)
+        disentanglement = _disentanglement(clf, splits, trigger, tau, choice.alpha, int(used.numel()), policy)
     reemergence: tuple[Reemergence, ...] = ()
     pool_note = ""
     if verdict == "removed" and policy.sanitize.reemergence.enabled:
@@ -421,7 +428,7 @@ def remove_backdoor(
         after,
         val_before,
         choice,
-        int(labels.shape[0]),
+        int(used.numel()),
         tau.norm(),
         tau.norm() / max(base_norm, 1e-12),
         steps,
