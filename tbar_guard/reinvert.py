@@ -97,7 +97,7 @@ def harden(
             Trigger.from_masks(members),
             target,
             policy,
-            (lambda d, t: progress(f"fine-tune ({len(members)} triggers)", d, t)) if progress else None,
+            (lambda d, t: progress("fine-tune", d, t)) if progress else None,
         )
         if len(rounds) >= max_rounds:
             break
