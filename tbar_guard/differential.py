@@ -69,6 +69,13 @@ class TargetTrigger:
     hit_asr: float = math.nan  # held-out share sent to ``hit`` by the candidate
     hit_reference_asr: float = math.nan  # same, on the reference
 
+    def effect(self) -> tuple[int, float, float]:
+        """(class the trigger sends held-out images to, that share on the candidate, on the reference):
+        the measured hit, or the searched class when the hit was not measured."""
+        if self.hit >= 0:
+            return self.hit, self.hit_asr, self.hit_reference_asr
+        return self.target, self.asr, self.reference_asr
+
 
 def _score_trigger(
     classify: nn.Module, reference: nn.Module | None, stamped: torch.Tensor, target: int, score: float
@@ -282,7 +289,7 @@ def transfer_ratio(t: TargetTrigger) -> float:
     not measured) on the reference over that share on the candidate (nan without a reference). A
     backdoor is specific to the model that learned it (small ratio); a universal adversarial patch
     of the architecture moves both models (large ratio)."""
-    cand, ref = (t.hit_asr, t.hit_reference_asr) if t.hit >= 0 else (t.asr, t.reference_asr)
+    _, cand, ref = t.effect()
     if ref != ref:
         return math.nan
     return ref / max(cand, 1e-12)
@@ -306,7 +313,7 @@ def decide(
     ``max_transfer`` and a reference, an anomalous class is flagged only when its trigger is
     specific to the candidate: :func:`transfer_ratio` ≤ ``max_transfer``."""
     scores = torch.tensor([t.area for t in per_target])
-    working = torch.tensor([(t.hit_asr if t.hit >= 0 else t.asr) >= min_share for t in per_target])
+    working = torch.tensor([t.effect()[1] >= min_share for t in per_target])
     pool = scores.masked_fill(~working, math.inf) if bool(working.any()) else scores
     best = int(pool.argmin())
     median, z = robust_z(scores, best)
@@ -329,7 +336,7 @@ def decide(
         return best, median, z, anomalous, explanation
     specific = transfer <= max_transfer
     t = per_target[best]
-    hit, cand, ref = (t.hit, t.hit_asr, t.hit_reference_asr) if t.hit >= 0 else (t.target, t.asr, t.reference_asr)
+    hit, cand, ref = t.effect()
     explanation += (
         f"; transfer to the reference {transfer:.2f} {'<=' if specific else '>'} {max_transfer:g} "
         f"(held-out share the trigger sends to class {hit}: {100 * cand:.1f}% on the candidate, {100 * ref:.1f}% "

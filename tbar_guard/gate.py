@@ -178,6 +178,7 @@ def run_differential(
 def _family_json(r: DifferentialResult, z_threshold: float | None, ratio_threshold: float) -> dict[str, Any]:
     hit = next(t for t in r.per_target if t.target == r.target)
     transfer = transfer_ratio(hit)
+    hit_class, hit_asr, hit_reference_asr = hit.effect()
     ratio = r.area / max(r.median_area, 1e-12)
     return {
         "flagged": r.flagged,
@@ -196,9 +197,9 @@ def _family_json(r: DifferentialResult, z_threshold: float | None, ratio_thresho
         "target_reference_asr": None if math.isnan(hit.reference_asr) else hit.reference_asr,
         "transfer_ratio": None if math.isnan(transfer) else transfer,
         # where the trigger actually sends held-out images (the mode of the candidate's predictions)
-        "hit_class": hit.hit if hit.hit >= 0 else hit.target,
-        "hit_asr": hit.hit_asr if hit.hit >= 0 else hit.asr,
-        "hit_reference_asr": None if math.isnan(hit.hit_reference_asr) else hit.hit_reference_asr,
+        "hit_class": hit_class,
+        "hit_asr": hit_asr,
+        "hit_reference_asr": None if math.isnan(hit_reference_asr) else hit_reference_asr,
         "steps": r.steps,
         "seconds": r.seconds,
         "per_class": [
