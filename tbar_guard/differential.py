@@ -126,9 +126,9 @@ def _masks(raw: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(torch.sigmoid(raw), size=(size, size), mode="nearest")
 
 
-def _chunks(n_classes: int, per_chunk: int) -> list[list[int]]:
-    """Class indices in groups of ``per_chunk``, optimised together."""
-    return [list(range(s, min(n_classes, s + per_chunk))) for s in range(0, n_classes, per_chunk)]
+def _chunks(searched: list[int], per_chunk: int) -> list[list[int]]:
+    """The searched class indices in groups of ``per_chunk``, optimised together."""
+    return [searched[s : s + per_chunk] for s in range(0, len(searched), per_chunk)]
 
 
 @torch.no_grad()
@@ -180,7 +180,7 @@ def invert_per_target(
     masks: list[torch.Tensor] = []
     patterns: list[torch.Tensor] = []
     searched = list(range(n_classes)) if classes is None else list(classes)
-    chunks = [searched[s : s + config.targets_per_chunk] for s in range(0, len(searched), config.targets_per_chunk)]
+    chunks = _chunks(searched, config.targets_per_chunk)
     total = config.steps * len(chunks)
     done = 0
     try:
@@ -355,10 +355,12 @@ def invert_blend_per_target(
     config: BlendConfig,
     reference: nn.Module | None = None,
     progress: Progress | None = None,
+    classes: list[int] | None = None,
 ) -> DifferentialResult:
     """Search the weakest full-image blend ``(1 − a)·x + a·p`` that sends ``shadow`` to each class;
     score it on ``heldout``. The result's mask is a_k everywhere and its pattern p_k, so the
-    inverted trigger is an ordinary mask + pattern trigger."""
+    inverted trigger is an ordinary mask + pattern trigger. ``classes``: search only these (as
+    :func:`invert_per_target`)."""
     size = int(shadow.shape[-1])
 
     def stamp(x: torch.Tensor, a: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
@@ -384,6 +386,7 @@ def invert_blend_per_target(
         ),
         reference,
         progress,
+        classes,
     )
     pt = run.per_target
     best, median, z, flagged, explanation = decide(
@@ -532,9 +535,11 @@ def _invert_global(
     family: _GlobalFamily,
     reference: nn.Module | None,
     progress: Progress | None,
+    classes: list[int] | None = None,
 ) -> _GlobalRun:
-    """The optimisation shared by the whole-image families: per chunk of classes, Adam on (score raw,
-    pattern raw) minimising cross-entropy to the class + score_weight × score (+ the reference KL)."""
+    """The optimisation shared by the whole-image families: per chunk of classes (all ``n_classes``,
+    or ``classes``), Adam on (score raw, pattern raw) minimising cross-entropy to the class +
+    score_weight × score (+ the reference KL)."""
     if shadow.shape[0] < family.batch_size:
         raise DataError(
             f"{shadow.shape[0]} shadow images are fewer than the batch size {family.batch_size}",
@@ -553,7 +558,8 @@ def _invert_global(
         reference.eval()
     scores: list[torch.Tensor] = []
     raws: list[torch.Tensor] = []
-    chunks = _chunks(n_classes, family.targets_per_chunk)
+    searched = list(range(n_classes)) if classes is None else list(classes)
+    chunks = _chunks(searched, family.targets_per_chunk)
     total = family.steps * len(chunks)
     done = 0
     bs = family.batch_size
@@ -597,9 +603,9 @@ def _invert_global(
         per_target = []
         with torch.no_grad():
             held = heldout.to(device)
-            for c in range(n_classes):
-                stamped = family.stamp(held, score_all[c : c + 1], raw_all[c : c + 1])[0]
-                per_target.append(_score_trigger(classify, reference, stamped, c, float(score_all[c])))
+            for i, c in enumerate(searched):
+                stamped = family.stamp(held, score_all[i : i + 1], raw_all[i : i + 1])[0]
+                per_target.append(_score_trigger(classify, reference, stamped, c, float(score_all[i])))
     finally:
         _restore(classify, flags)
         classify.train(was_training)

@@ -596,6 +596,7 @@ def gate(
                 _shadow(p.splits, policy.detect),
                 ref_clf,
                 progress,
+                blend_config(policy),
             )
             inverted = hardened.trigger
         removal = remove_backdoor(
@@ -641,11 +642,15 @@ def gate(
                 "triggers": hardened.trigger.count,
                 "max_rounds": policy.sanitize.unlearn.reinvert_rounds,
                 "rounds": [r.to_json() for r in hardened.rounds],
+                "companions": [c.to_json() for c in hardened.companions],
             }
             if hardened.trigger.count > 1:
+                companions = sum(c.added for c in hardened.companions)
                 report["trigger_description"] += (
-                    f", {hardened.trigger.count} triggers: the scan's and {hardened.trigger.count - 1} re-inverted "
-                    "on the unlearned model (each forget image carries one; ASR is their mean)"
+                    f", {hardened.trigger.count} triggers: the scan's"
+                    + (f", {companions} companion (full-image blend)" if companions else "")
+                    + f" and {hardened.trigger.count - 1 - companions} re-inverted on the unlearned model"
+                    " (each forget image carries one; ASR is their mean)"
                 )
     if audit is not None and policy.trigger is not None:
         report["true_trigger"] = {

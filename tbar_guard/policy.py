@@ -67,6 +67,7 @@ class UnlearnPolicy(_Section):
     anchor_weight: float = Field(3.0, ge=0)
     clean_twins: bool = True
     reinvert_rounds: int = Field(2, ge=0, le=5)
+    companions: tuple[Literal["blend"], ...] = ()
 
 
 class ReemergencePolicy(_Section):
@@ -268,6 +269,8 @@ sanitize:
     reinvert_rounds: 2   # gate only (inverted trigger, mask family): after unlearning, invert the target
                          # class again on the unlearned model; while that trigger is still anomalous, add it
                          # to the forget set and unlearn again; at most this many added triggers (0 = off)
+    companions: []       # gate only: other trigger families ([blend]) inverted for the flagged class on the
+                         # backdoored model; a companion that works and is specific joins the forget set
   alpha:                 # coarse-to-fine search; the backdoor may need alpha > 1
     min: 0.0
     max: 6.0

@@ -28,7 +28,15 @@ from torch import nn
 from tbar_guard.attacks import Trigger
 from tbar_guard.clip import ZeroShotClassifier, visual_state
 from tbar_guard.data import Splits
-from tbar_guard.differential import DifferentialConfig, DifferentialResult, invert_per_target, robust_z, transfer_ratio
+from tbar_guard.differential import (
+    BlendConfig,
+    DifferentialConfig,
+    DifferentialResult,
+    invert_blend_per_target,
+    invert_per_target,
+    robust_z,
+    transfer_ratio,
+)
 from tbar_guard.policy import Policy
 from tbar_guard.sanitize import LearnedVector, learn_on_forget_set
 
@@ -64,12 +72,82 @@ class ReinversionRound:
 
 
 @dataclass(frozen=True)
+class Companion:
+    """The flagged class inverted with another trigger family on the backdoored model."""
+
+    family: str
+    score: float  # the family's score (blend: the strength a)
+    asr: float  # held-out share it sends to the target on the backdoored model
+    reference_asr: float  # same on the reference (nan without one)
+    added: bool  # it works (sends >= half the held-out images to the target) and is specific: joined the forget set
+    explanation: str
+    seconds: float
+
+    def to_json(self) -> dict[str, float | bool | str | None]:
+        return {
+            "family": self.family,
+            "score": self.score,
+            "asr": self.asr,
+            "reference_asr": None if math.isnan(self.reference_asr) else self.reference_asr,
+            "added": self.added,
+            "explanation": self.explanation,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass(frozen=True)
 class Hardened:
     """The trigger set the removal runs with and the τ already learned from it."""
 
-    trigger: Trigger  # every trigger found (``Trigger.from_masks``); a single one when no round added any
+    trigger: Trigger  # every trigger found (``Trigger.from_masks``); a single one when none was added
     rounds: tuple[ReinversionRound, ...]
     learned: LearnedVector
+    companions: tuple[Companion, ...] = ()
+
+
+def _companion(
+    clf: ZeroShotClassifier,
+    shadow: torch.Tensor,
+    heldout: torch.Tensor,
+    n_classes: int,
+    target: int,
+    config: BlendConfig,
+    max_transfer: float | None,
+    reference: nn.Module | None,
+    progress: Progress | None,
+) -> tuple[Companion, DifferentialResult]:
+    """The target class inverted with the blend family on θ_b; it joins when it works and is specific."""
+    t0 = time.perf_counter()
+    found = invert_blend_per_target(
+        clf,
+        shadow,
+        heldout,
+        n_classes,
+        config,
+        reference,
+        (lambda d, t: progress("companion inversion", d, t)) if progress else None,
+        classes=[target],
+    )
+    hit = found.per_target[0]
+    works = hit.asr >= 0.5
+    transfer = transfer_ratio(hit)
+    specific = max_transfer is None or math.isnan(transfer) or transfer <= max_transfer
+    explanation = (
+        f"class {target} as a full-image blend: strength {found.area:.3f} sends {100 * hit.asr:.1f}% of the held-out "
+        "images to it"
+        + ("" if math.isnan(transfer) else f"; transfer to the reference {transfer:.2f} (max {max_transfer})")
+        + (
+            "; added to the forget set"
+            if works and specific
+            else f"; not added ({'it does not work' if not works else 'it moves the reference too'})"
+        )
+    )
+    return (
+        Companion(
+            "blend", found.area, hit.asr, hit.reference_asr, works and specific, explanation, time.perf_counter() - t0
+        ),
+        found,
+    )
 
 
 def harden(
@@ -82,12 +160,23 @@ def harden(
     shadow: torch.Tensor,
     reference: nn.Module | None,
     progress: Progress | None = None,
+    blend: BlendConfig | None = None,
 ) -> Hardened:
     """Re-inversion rounds from the scan's inverted trigger for the gate's ``target`` (``clf.visual``
-    is θ_b on entry and on return)."""
+    is θ_b on entry and on return). With ``sanitize.unlearn.companions`` naming ``blend`` (and
+    ``blend`` given), the target class is first inverted as a full-image blend on θ_b; when that
+    trigger works and is specific it joins the forget set from the start."""
     members = [Trigger.from_mask(scan.mask, scan.pattern)]
     theta_b = visual_state(clf)
     heldout = splits.val.pixels()
+    companions: list[Companion] = []
+    if blend is not None and "blend" in policy.sanitize.unlearn.companions:
+        companion, found = _companion(
+            clf, shadow, heldout, len(scan.per_target), target, blend, config.max_transfer, reference, progress
+        )
+        companions.append(companion)
+        if companion.added:
+            members.append(Trigger.from_mask(found.mask, found.pattern))
     rounds: list[ReinversionRound] = []
     max_rounds = policy.sanitize.unlearn.reinvert_rounds
     while True:
@@ -155,4 +244,4 @@ def harden(
         if not added:
             break
         members.append(Trigger.from_mask(again.mask, again.pattern))
-    return Hardened(Trigger.from_masks(members), tuple(rounds), learned)
+    return Hardened(Trigger.from_masks(members), tuple(rounds), learned, tuple(companions))

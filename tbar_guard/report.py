@@ -197,9 +197,16 @@ def _families_md(families: Any) -> list[str]:
 def _reinversion_md(report: Mapping[str, Any]) -> list[str]:
     """The gate's re-inversion rounds (tbar_guard.reinvert): each re-inverted trigger and whether it was added."""
     info = report.get("reinversion")
-    if not info or not info.get("rounds"):
+    if not info:
         return []
-    lines = [
+    lines: list[str] = []
+    if info.get("companions"):
+        lines += ["", "## Companion triggers", ""] + [
+            f"- {c['family']}: {c['explanation']}" for c in info["companions"]
+        ]
+    if not info.get("rounds"):
+        return lines
+    lines += [
         "",
         f"## Re-inversion rounds ({info['triggers']} trigger(s) unlearned; at most {info['max_rounds']} added)",
         "",

@@ -15,15 +15,16 @@ import dataclasses
 import pytest
 import torch
 
-from tbar_guard.attacks import Trigger
+from tbar_guard.attacks import Trigger, build_trigger, parse_trigger
 from tbar_guard.bundle import ClipBundle
 from tbar_guard.clip import classifier_for, visual_state
 from tbar_guard.data import ImageSet, Splits, split
-from tbar_guard.differential import DifferentialConfig, DifferentialResult, invert_per_target
+from tbar_guard.differential import BlendConfig, DifferentialConfig, DifferentialResult, invert_per_target
 from tbar_guard.errors import PolicyError, UsageError
 from tbar_guard.evaluate import evaluate
 from tbar_guard.policy import Policy, policy_from_dict
 from tbar_guard.reinvert import harden
+from tbar_guard.zoo import finetune_victim
 
 TARGET = 0
 
@@ -62,6 +63,16 @@ def test_reinvert_rounds_policy() -> None:
     with pytest.raises(PolicyError) as info:
         policy_from_dict({"sanitize": {"unlearn": {"reinvert_rounds": 9}}})
     assert any("sanitize.unlearn.reinvert_rounds" in p for p in info.value.problems), info.value.problems
+
+
+def test_companions_policy() -> None:
+    assert Policy().sanitize.unlearn.companions == ()
+    assert policy_from_dict({"sanitize": {"unlearn": {"companions": ["blend"]}}}).sanitize.unlearn.companions == (
+        "blend",
+    )
+    with pytest.raises(PolicyError) as info:
+        policy_from_dict({"sanitize": {"unlearn": {"companions": ["warp"]}}})
+    assert any(p.startswith("sanitize.unlearn.companions") for p in info.value.problems), info.value.problems
 
 
 # --- rounds on real models -------------------------------------------------------------------------
@@ -133,3 +144,54 @@ def test_rounds_add_nothing_on_a_clean_model(
     hardened = harden(classifier_for(clean_twin), splits, scan, TARGET, policy, CONFIG, shadow, ref)
     assert len(hardened.rounds) == 1 and not hardened.rounds[0].added, hardened.rounds[0].explanation
     assert hardened.trigger.count == 1
+
+
+# --- companion triggers (the flagged class inverted as a full-image blend) --------------------------
+
+
+@pytest.fixture(scope="module")
+def blended_trigger() -> Trigger:
+    return build_trigger(parse_trigger("blended:alpha=0.2,seed=0"), 28)
+
+
+@pytest.fixture(scope="module")
+def blended_victim(foundation: ClipBundle, train_images: ImageSet, blended_trigger: Trigger) -> ClipBundle:
+    return finetune_victim(
+        foundation, train_images.subset(torch.arange(5000, 10000)), blended_trigger, TARGET, epochs=3
+    )
+
+
+@pytest.mark.slow
+def test_blend_companion_reaches_a_blended_backdoor_the_mask_missed(
+    blended_victim: ClipBundle, foundation: ClipBundle, splits: Splits, blended_trigger: Trigger, policy: Policy
+) -> None:
+    """A blended backdoor is no small mask: unlearning the scan's mask trigger (here a decoy) leaves it.
+    The blend companion inverted for the flagged class works, is specific, joins the forget set, and
+    unlearning the set removes the real blended trigger."""
+    scan, ref, shadow = _decoy_scan(blended_victim, foundation, splits)
+    clf = classifier_for(blended_victim)
+    theta_b = visual_state(clf)
+    raw = policy.to_json()
+    raw["sanitize"]["unlearn"]["reinvert_rounds"] = 0
+    decoy_only = harden(clf, splits, scan, TARGET, policy_from_dict(raw), CONFIG, shadow, ref)
+    raw["sanitize"]["unlearn"]["companions"] = ["blend"]
+    blend = BlendConfig(steps=120, batch_size=16, seed=0)
+    with_companion = harden(clf, splits, scan, TARGET, policy_from_dict(raw), CONFIG, shadow, ref, blend=blend)
+    assert decoy_only.companions == () and decoy_only.trigger.count == 1
+    (companion,) = with_companion.companions
+    assert companion.added and companion.asr >= 0.5 > companion.reference_asr, companion.explanation
+    assert with_companion.trigger.count == 2
+    assert all(torch.equal(v, theta_b[k]) for k, v in visual_state(clf).items()), "theta_b restored"
+
+    def true_asr(learned) -> float:  # type: ignore[no-untyped-def]
+        clf.visual.load_state_dict((-learned.tau).apply_to(theta_b, 1.0))
+        m = evaluate(clf, splits.val, blended_trigger, TARGET)
+        clf.visual.load_state_dict(theta_b)
+        assert m.attack_success_rate is not None
+        return m.attack_success_rate
+
+    before = evaluate(clf, splits.val, blended_trigger, TARGET).attack_success_rate
+    assert before is not None and before > 0.9
+    decoy_asr, set_asr = true_asr(decoy_only.learned), true_asr(with_companion.learned)
+    assert decoy_asr > 0.5, f"the decoy alone should leave the backdoor ({decoy_asr:.3f})"
+    assert set_asr < 0.1, (decoy_asr, set_asr)
