@@ -347,7 +347,23 @@ def decide(
     return best, median, z, anomalous and specific, explanation
 
 
-def invert_blend_per_target(
+@dataclass(frozen=True)
+class BlendSearch:
+    """Per searched class: the held-out effect, the blend strength a_k and the pattern p_k."""
+
+    per_target: tuple[TargetTrigger, ...]
+    strengths: torch.Tensor  # [C]
+    patterns: torch.Tensor  # [C, 3, H, W] in [0, 1]
+    steps: int
+    seconds: float
+
+    def trigger(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask, pattern) of the i-th searched class: the blend as an ordinary mask + pattern trigger."""
+        size = int(self.patterns.shape[-1])
+        return torch.full((size, size), float(self.strengths[i])), self.patterns[i]
+
+
+def search_blend(
     classify: nn.Module,
     shadow: torch.Tensor,
     heldout: torch.Tensor,
@@ -356,11 +372,9 @@ def invert_blend_per_target(
     reference: nn.Module | None = None,
     progress: Progress | None = None,
     classes: list[int] | None = None,
-) -> DifferentialResult:
-    """Search the weakest full-image blend ``(1 − a)·x + a·p`` that sends ``shadow`` to each class;
-    score it on ``heldout``. The result's mask is a_k everywhere and its pattern p_k, so the
-    inverted trigger is an ordinary mask + pattern trigger. ``classes``: search only these (as
-    :func:`invert_per_target`)."""
+) -> BlendSearch:
+    """Search the weakest full-image blend ``(1 − a)·x + a·p`` that sends ``shadow`` to each class
+    (all ``n_classes``, or ``classes``); score it on ``heldout``."""
     size = int(shadow.shape[-1])
 
     def stamp(x: torch.Tensor, a: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
@@ -388,23 +402,38 @@ def invert_blend_per_target(
         progress,
         classes,
     )
-    pt = run.per_target
+    return BlendSearch(run.per_target, run.scores, _patterns(run.raw_patterns, size), run.steps, run.seconds)
+
+
+def invert_blend_per_target(
+    classify: nn.Module,
+    shadow: torch.Tensor,
+    heldout: torch.Tensor,
+    n_classes: int,
+    config: BlendConfig,
+    reference: nn.Module | None = None,
+    progress: Progress | None = None,
+) -> DifferentialResult:
+    """:func:`search_blend` over every class and the family's decision. The result's mask is a_k
+    everywhere and its pattern p_k, so the inverted trigger is an ordinary mask + pattern trigger."""
+    found = search_blend(classify, shadow, heldout, n_classes, config, reference, progress)
+    pt = found.per_target
     best, median, z, flagged, explanation = decide(
         pt, config.z_threshold, config.ratio, "full-image blend strength", config.max_transfer
     )
-    a_best = float(run.scores[best])
+    mask, pattern = found.trigger(best)
     return DifferentialResult(
         pt,
         pt[best].target,
-        torch.full((size, size), a_best),
-        _patterns(run.raw_patterns[best : best + 1], size)[0].cpu(),
-        a_best,
+        mask,
+        pattern,
+        float(found.strengths[best]),
         median,
         z,
         flagged,
         explanation,
-        run.steps,
-        run.seconds,
+        found.steps,
+        found.seconds,
         "blend",
     )
 

@@ -269,8 +269,10 @@ sanitize:
     reinvert_rounds: 2   # gate only (inverted trigger, mask family): after unlearning, invert the target
                          # class again on the unlearned model; while that trigger is still anomalous, add it
                          # to the forget set and unlearn again; at most this many added triggers (0 = off)
-    companions: []       # gate only: other trigger families ([blend]) inverted for the flagged class on the
-                         # backdoored model; a companion that works and is specific joins the forget set
+    companions: []       # gate only: [blend] also inverts the flagged class as a full-image blend on the
+                         # backdoored model; it joins the forget set when its strength is below
+                         # detect.differential.blend.ratio x the median of a sample of classes (one chunk),
+                         # it works and it is specific (transfer check)
   alpha:                 # coarse-to-fine search; the backdoor may need alpha > 1
     min: 0.0
     max: 6.0

@@ -32,9 +32,9 @@ from tbar_guard.differential import (
     BlendConfig,
     DifferentialConfig,
     DifferentialResult,
-    invert_blend_per_target,
     invert_per_target,
     robust_z,
+    search_blend,
     transfer_ratio,
 )
 from tbar_guard.policy import Policy
@@ -77,6 +77,7 @@ class Companion:
 
     family: str
     score: float  # the family's score (blend: the strength a)
+    median_score: float  # the median score over the sampled classes (the target's included)
     asr: float  # held-out share it sends to the target on the backdoored model
     reference_asr: float  # same on the reference (nan without one)
     added: bool  # it works (sends >= half the held-out images to the target) and is specific: joined the forget set
@@ -87,6 +88,7 @@ class Companion:
         return {
             "family": self.family,
             "score": self.score,
+            "median_score": self.median_score,
             "asr": self.asr,
             "reference_asr": None if math.isnan(self.reference_asr) else self.reference_asr,
             "added": self.added,
@@ -115,10 +117,15 @@ def _companion(
     max_transfer: float | None,
     reference: nn.Module | None,
     progress: Progress | None,
-) -> tuple[Companion, DifferentialResult]:
-    """The target class inverted with the blend family on θ_b; it joins when it works and is specific."""
+) -> tuple[Companion, Trigger]:
+    """The target class inverted as a full-image blend on θ_b, judged like the scan's blend family but
+    against a sample of classes (the target and up to ``targets_per_chunk`` − 1 others, one chunk):
+    it joins when its strength is below ``ratio`` × the sample's median, it works (≥ half the
+    held-out images to the target) and it is specific (transfer check)."""
     t0 = time.perf_counter()
-    found = invert_blend_per_target(
+    order = torch.randperm(n_classes, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    others = [c for c in order if c != target][: max(1, config.targets_per_chunk - 1)]
+    found = search_blend(
         clf,
         shadow,
         heldout,
@@ -126,28 +133,34 @@ def _companion(
         config,
         reference,
         (lambda d, t: progress("companion inversion", d, t)) if progress else None,
-        classes=[target],
+        classes=[target, *others],
     )
     hit = found.per_target[0]
+    strength = float(found.strengths[0])
+    median = float(found.strengths.median())
+    ratio = strength / max(median, 1e-12)
+    small = ratio < config.ratio
     works = hit.asr >= 0.5
     transfer = transfer_ratio(hit)
     specific = max_transfer is None or math.isnan(transfer) or transfer <= max_transfer
+    added = small and works and specific
+    why = [
+        w
+        for w, bad in (("not small", not small), ("does not work", not works), ("moves the reference", not specific))
+        if bad
+    ]
     explanation = (
-        f"class {target} as a full-image blend: strength {found.area:.3f} sends {100 * hit.asr:.1f}% of the held-out "
+        f"class {target} as a full-image blend: strength {strength:.3f}, {ratio:.2f} x the median {median:.3f} of "
+        f"{len(found.per_target)} classes (joins below {config.ratio:g} x), sends {100 * hit.asr:.1f}% of the held-out "
         "images to it"
         + ("" if math.isnan(transfer) else f"; transfer to the reference {transfer:.2f} (max {max_transfer})")
-        + (
-            "; added to the forget set"
-            if works and specific
-            else f"; not added ({'it does not work' if not works else 'it moves the reference too'})"
-        )
+        + ("; added to the forget set" if added else f"; not added ({', '.join(why)})")
     )
-    return (
-        Companion(
-            "blend", found.area, hit.asr, hit.reference_asr, works and specific, explanation, time.perf_counter() - t0
-        ),
-        found,
+    mask, pattern = found.trigger(0)
+    companion = Companion(
+        "blend", strength, median, hit.asr, hit.reference_asr, added, explanation, time.perf_counter() - t0
     )
+    return companion, Trigger.from_mask(mask, pattern)
 
 
 def harden(
@@ -165,18 +178,19 @@ def harden(
     """Re-inversion rounds from the scan's inverted trigger for the gate's ``target`` (``clf.visual``
     is θ_b on entry and on return). With ``sanitize.unlearn.companions`` naming ``blend`` (and
     ``blend`` given), the target class is first inverted as a full-image blend on θ_b; when that
-    trigger works and is specific it joins the forget set from the start."""
+    trigger is small against a sample of other classes' blends, works and is specific, it joins the
+    forget set from the start (:func:`_companion`)."""
     members = [Trigger.from_mask(scan.mask, scan.pattern)]
     theta_b = visual_state(clf)
     heldout = splits.val.pixels()
     companions: list[Companion] = []
     if blend is not None and "blend" in policy.sanitize.unlearn.companions:
-        companion, found = _companion(
+        companion, trigger = _companion(
             clf, shadow, heldout, len(scan.per_target), target, blend, config.max_transfer, reference, progress
         )
         companions.append(companion)
         if companion.added:
-            members.append(Trigger.from_mask(found.mask, found.pattern))
+            members.append(trigger)
     rounds: list[ReinversionRound] = []
     max_rounds = policy.sanitize.unlearn.reinvert_rounds
     while True:
