@@ -117,8 +117,8 @@ def _companion(
     max_transfer: float | None,
     reference: nn.Module | None,
     progress: Progress | None,
-) -> tuple[Companion, Trigger]:
-    """The target class inverted as a full-image blend on θ_b, judged like the scan's blend family but
+) -> tuple[Companion, torch.Tensor, torch.Tensor]:
+    """(evidence, mask, pattern): the target class inverted as a full-image blend on θ_b, judged like the scan's blend family but
     against a sample of classes (the target and up to ``targets_per_chunk`` − 1 others, one chunk):
     it joins when its strength is below ``ratio`` × the sample's median, it works (≥ half the
     held-out images to the target) and it is specific (transfer check)."""
@@ -160,7 +160,7 @@ def _companion(
     companion = Companion(
         "blend", strength, median, hit.asr, hit.reference_asr, added, explanation, time.perf_counter() - t0
     )
-    return companion, Trigger.from_mask(mask, pattern)
+    return companion, mask, pattern
 
 
 def harden(
@@ -185,12 +185,15 @@ def harden(
     heldout = splits.val.pixels()
     companions: list[Companion] = []
     if blend is not None and "blend" in policy.sanitize.unlearn.companions:
-        companion, trigger = _companion(
+        companion, mask, pattern = _companion(
             clf, shadow, heldout, len(scan.per_target), target, blend, config.max_transfer, reference, progress
         )
         companions.append(companion)
-        if companion.added:
-            members.append(trigger)
+        if companion.added:  # stamped at each of the policy's strength scales (the inversion found the weakest)
+            members += [
+                Trigger.from_mask((scale * mask).clamp(0, 1), pattern)
+                for scale in policy.sanitize.unlearn.companion_scales
+            ]
     rounds: list[ReinversionRound] = []
     max_rounds = policy.sanitize.unlearn.reinvert_rounds
     while True:
