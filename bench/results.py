@@ -16,13 +16,14 @@ DEFENCE_LABELS = {
     "tbar-unlearn-known": "TBAR known trigger (unlearn vector, the default: negate theta_b - theta_unlearned)",
     "tbar-agnostic": "TBAR agnostic (gate: inversion -> anchored TBAR)",
     "tbar-unlearn-agnostic": "TBAR agnostic (gate: inversion -> unlearn vector, the default)",
+    "tbar-unlearn-agnostic-mask": "TBAR agnostic, mask trigger + re-inversion rounds only (no companion blend)",
     "clean-ft-1x": "clean fine-tune, N = forget size",
     "clean-ft-10x": "clean fine-tune, N = 10x forget size",
     "grad-ascent": "gradient ascent on the forget set",
     "cleanclip": "CleanCLIP-style (cross-modal + in-modal, augmented)",
 }
 KNOWN_TBAR = ("tbar-known", "tbar-plain-known", "tbar-unlearn-known")
-AGNOSTIC_TBAR = ("tbar-agnostic", "tbar-unlearn-agnostic")
+AGNOSTIC_TBAR = ("tbar-agnostic", "tbar-unlearn-agnostic", "tbar-unlearn-agnostic-mask")
 TBAR = KNOWN_TBAR + AGNOSTIC_TBAR
 REMOVALS = (
     *KNOWN_TBAR,

@@ -35,7 +35,16 @@ Log = Callable[[str], None]
 
 # removal defences -> the policy's sanitize.method they run (names are cache keys: never re-map one)
 KNOWN_METHODS = {"tbar-known": "anchored", "tbar-plain-known": "tbar", "tbar-unlearn-known": "unlearn"}
-AGNOSTIC_METHODS = {"tbar-agnostic": "anchored", "tbar-unlearn-agnostic": "unlearn"}
+AGNOSTIC_METHODS = {
+    "tbar-agnostic": "anchored",
+    "tbar-unlearn-agnostic": "unlearn",
+    "tbar-unlearn-agnostic-mask": "unlearn",
+}
+# agnostic defences that differ from the zoo policy in more than the method (part of their record key)
+AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
+    # the gate before companion triggers: the scan's mask trigger and the re-inversion rounds only
+    "tbar-unlearn-agnostic-mask": {"sanitize": {"unlearn": {"companions": []}}},
+}
 KNOWN = tuple(KNOWN_METHODS)
 BASELINES = ("clean-ft-1x", "clean-ft-10x", "grad-ascent", "cleanclip")
 # Scan-only detector configurations: defence name -> the policy additions of its scan (reference =
@@ -243,6 +252,7 @@ class Runner:
             }
             if v.attack is not None:
                 extra.update({"trigger": spec_to_dict(self.spec.trigger(v.attack)), "target": str(v.target)})
+            extra = _deep_update(extra, AGNOSTIC_EXTRA.get(defence, {}))
             r = gate(vdir, ctx.data_npz, self.policy(extra), out).report
             det = r["detection"]
             rec: dict[str, Any] = {
@@ -489,7 +499,8 @@ def machine() -> dict[str, Any]:
 
 def record_path(cache: Path, spec: ZooSpec, v: VictimSpec, defence: str) -> Path:
     """Where the record of ``v`` x ``defence`` is cached: keyed by everything that decides it."""
-    key = key_of([spec.victim_key(v), defence, spec.policy, spec.baselines.get(defence) or SCANS.get(defence)])
+    extra = spec.baselines.get(defence) or SCANS.get(defence) or AGNOSTIC_EXTRA.get(defence)
+    key = key_of([spec.victim_key(v), defence, spec.policy, extra])
     return cache / "records" / f"{v.name}-{defence}-{key}.json"
 
 

@@ -179,18 +179,19 @@ def harden(
     is θ_b on entry and on return). With ``sanitize.unlearn.companions`` naming ``blend`` (and
     ``blend`` given), the target class is first inverted as a full-image blend on θ_b; when that
     trigger is small against a sample of other classes' blends, works and is specific, it joins the
-    forget set from the start (:func:`_companion`)."""
+    forget set after the rounds and τ is learned once more (:func:`_companion`)."""
     members = [Trigger.from_mask(scan.mask, scan.pattern)]
     theta_b = visual_state(clf)
     heldout = splits.val.pixels()
     companions: list[Companion] = []
+    joining: list[Trigger] = []
     if blend is not None and "blend" in policy.sanitize.unlearn.companions:
         companion, mask, pattern = _companion(
             clf, shadow, heldout, len(scan.per_target), target, blend, config.max_transfer, reference, progress
         )
         companions.append(companion)
         if companion.added:  # stamped at each of the policy's strength scales (the inversion found the weakest)
-            members += [
+            joining = [
                 Trigger.from_mask((scale * mask).clamp(0, 1), pattern)
                 for scale in policy.sanitize.unlearn.companion_scales
             ]
@@ -261,4 +262,16 @@ def harden(
         if not added:
             break
         members.append(Trigger.from_mask(again.mask, again.pattern))
+    if joining:
+        # the companion joins after the rounds: unlearned from the start, it made the model hard to
+        # invert in general, so the rounds stopped while a BadNet patch still worked (gtsrb-badnet-t1-s0)
+        members += joining
+        learned = learn_on_forget_set(
+            clf,
+            splits,
+            Trigger.from_masks(members),
+            target,
+            policy,
+            (lambda d, t: progress("fine-tune", d, t)) if progress else None,
+        )
     return Hardened(Trigger.from_masks(members), tuple(rounds), learned, tuple(companions))
