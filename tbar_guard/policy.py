@@ -67,7 +67,7 @@ class UnlearnPolicy(_Section):
     anchor_weight: float = Field(3.0, ge=0)
     clean_twins: bool = True
     reinvert_rounds: int = Field(2, ge=0, le=5)
-    companions: tuple[Literal["blend"], ...] = ()
+    companions: tuple[Literal["blend"], ...] = ("blend",)
     companion_scales: tuple[Annotated[float, Field(gt=0, le=5)], ...] = Field((1.0,), min_length=1, max_length=4)
 
 
@@ -270,10 +270,10 @@ sanitize:
     reinvert_rounds: 2   # gate only (inverted trigger, mask family): after unlearning, invert the target
                          # class again on the unlearned model; while that trigger is still anomalous, add it
                          # to the forget set and unlearn again; at most this many added triggers (0 = off)
-    companions: []       # gate only: [blend] also inverts the flagged class as a full-image blend on the
-                         # backdoored model; it joins the forget set when its strength is below
+    companions: [blend]  # gate only: after the rounds, invert the target class as a full-image blend on the
+                         # unlearned model; it joins the forget set when its strength is below
                          # detect.differential.blend.ratio x the median of a sample of classes (one chunk),
-                         # it works and it is specific (transfer check)
+                         # it works and it is specific (transfer check); [] = off
     companion_scales: [1.0]  # a joining companion is stamped at each of these multiples of its inverted strength
   alpha:                 # coarse-to-fine search; the backdoor may need alpha > 1
     min: 0.0

@@ -66,10 +66,8 @@ def test_reinvert_rounds_policy() -> None:
 
 
 def test_companions_policy() -> None:
-    assert Policy().sanitize.unlearn.companions == ()
-    assert policy_from_dict({"sanitize": {"unlearn": {"companions": ["blend"]}}}).sanitize.unlearn.companions == (
-        "blend",
-    )
+    assert Policy().sanitize.unlearn.companions == ("blend",)
+    assert policy_from_dict({"sanitize": {"unlearn": {"companions": []}}}).sanitize.unlearn.companions == ()
     with pytest.raises(PolicyError) as info:
         policy_from_dict({"sanitize": {"unlearn": {"companions": ["warp"]}}})
     assert any(p.startswith("sanitize.unlearn.companions") for p in info.value.problems), info.value.problems
