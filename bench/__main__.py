@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--quick", action="store_true", help="the reduced zoo bench/zoo-quick.yaml (<= 10 min)")
         p.add_argument("--cache", type=Path, default=HERE / "cache", help="models, decoded data and records")
         p.add_argument("--shared", type=Path, default=None, help="the shared data folder (default ../shared/data)")
-        p.add_argument("--only", default=None, help="only victims whose name contains this")
+        p.add_argument("--only", nargs="+", default=None, help="only victims whose name contains one of these")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     run.add_argument("--out", type=Path, required=True)
     run.add_argument("--limit", type=int, default=None, help="run only the first N victims")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         models = Zoo(spec, args.cache, shared, log)
         models.foundation()
         for v in spec.victims:
-            if args.only is not None and args.only not in v.name:
+            if args.only is not None and not any(o in v.name for o in args.only):
                 continue
             _, meta = models.victim(v)
             asr = meta["attack_success_rate"]
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         args.cache,
         shared,
         log,
-        args.only,
+        tuple(args.only) if args.only else None,
         args.limit,
         tuple(args.defences) if args.defences else None,
         args.from_cache,

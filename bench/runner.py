@@ -376,7 +376,7 @@ class Runner:
         return measure_reemergence(clf, visual, repair, ctx.splits.test, trigger, target, config).attack_success_rate
 
     # --- whole run ----------------------------------------------------------------------------
-    def run(self, only: str | None = None, limit: int | None = None, from_cache: bool = False) -> dict[str, Any]:
+    def run(self, only: tuple[str, ...] | None = None, limit: int | None = None, from_cache: bool = False) -> dict[str, Any]:
         """Run (with ``from_cache``: only collect) every victim x defence; what is missing is listed."""
         t0 = time.perf_counter()
         host = machine()  # at the start: the code that produced the records, whatever is edited later
@@ -384,7 +384,7 @@ class Runner:
         if from_cache and not self.zoo.foundation_cached():
             raise FileNotFoundError(f"no cached foundation under {self.cache}; run without --from-cache first")
         self.zoo.foundation()
-        victims = [v for v in self.spec.victims if only is None or only in v.name]
+        victims = [v for v in self.spec.victims if only is None or any(o in v.name for o in only)]
         if limit is not None:
             victims = victims[:limit]
         for v in victims:
@@ -510,7 +510,7 @@ def load_and_run(
     cache: Path,
     shared: Path,
     log: Log,
-    only: str | None = None,
+    only: tuple[str, ...] | None = None,
     limit: int | None = None,
     defences_: tuple[str, ...] | None = None,
     from_cache: bool = False,
