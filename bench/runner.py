@@ -376,7 +376,9 @@ class Runner:
         return measure_reemergence(clf, visual, repair, ctx.splits.test, trigger, target, config).attack_success_rate
 
     # --- whole run ----------------------------------------------------------------------------
-    def run(self, only: tuple[str, ...] | None = None, limit: int | None = None, from_cache: bool = False) -> dict[str, Any]:
+    def run(
+        self, only: tuple[str, ...] | None = None, limit: int | None = None, from_cache: bool = False
+    ) -> dict[str, Any]:
         """Run (with ``from_cache``: only collect) every victim x defence; what is missing is listed."""
         t0 = time.perf_counter()
         host = machine()  # at the start: the code that produced the records, whatever is edited later
