@@ -184,10 +184,9 @@ def harden(
     theta_b = visual_state(clf)
     heldout = splits.val.pixels()
     companions: list[Companion] = []
-    rounds: list[ReinversionRound] = []
-    max_rounds = policy.sanitize.unlearn.reinvert_rounds
-    while True:
-        learned = learn_on_forget_set(
+
+    def learn() -> LearnedVector:  # τ from θ_b on the current trigger set
+        return learn_on_forget_set(
             clf,
             splits,
             Trigger.from_masks(members),
@@ -195,6 +194,11 @@ def harden(
             policy,
             (lambda d, t: progress("fine-tune", d, t)) if progress else None,
         )
+
+    rounds: list[ReinversionRound] = []
+    max_rounds = policy.sanitize.unlearn.reinvert_rounds
+    while True:
+        learned = learn()
         if len(rounds) >= max_rounds:
             break
         t1 = time.perf_counter()
@@ -270,12 +274,5 @@ def harden(
         members += [
             Trigger.from_mask((scale * mask).clamp(0, 1), pattern) for scale in policy.sanitize.unlearn.companion_scales
         ]
-        learned = learn_on_forget_set(
-            clf,
-            splits,
-            Trigger.from_masks(members),
-            target,
-            policy,
-            (lambda d, t: progress("fine-tune", d, t)) if progress else None,
-        )
+        learned = learn()
     return Hardened(Trigger.from_masks(members), tuple(rounds), learned, tuple(companions))

@@ -17,13 +17,14 @@ import torch
 
 from tbar_guard.attacks import Trigger, build_trigger, parse_trigger
 from tbar_guard.bundle import ClipBundle
-from tbar_guard.clip import classifier_for, visual_state
+from tbar_guard.clip import ZeroShotClassifier, classifier_for, visual_state
 from tbar_guard.data import ImageSet, Splits, split
 from tbar_guard.differential import BlendConfig, DifferentialConfig, DifferentialResult, invert_per_target
 from tbar_guard.errors import PolicyError, UsageError
 from tbar_guard.evaluate import evaluate
 from tbar_guard.policy import Policy, policy_from_dict
 from tbar_guard.reinvert import harden
+from tbar_guard.sanitize import LearnedVector
 from tbar_guard.zoo import finetune_victim
 
 TARGET = 0
@@ -91,6 +92,19 @@ def policy() -> Policy:
 CONFIG = DifferentialConfig(steps=120, batch_size=16, seed=0, max_transfer=0.25)
 
 
+def _asr_unlearned(
+    clf: ZeroShotClassifier, theta_b: dict[str, torch.Tensor], learned: LearnedVector, splits: Splits, trigger: Trigger
+) -> float:
+    """Validation ASR of ``trigger`` on θ_b − τ (α = 1); ``clf.visual`` is θ_b again on return."""
+    clf.visual.load_state_dict((-learned.tau).apply_to(theta_b, 1.0))
+    try:
+        m = evaluate(clf, splits.val, trigger, TARGET)
+    finally:
+        clf.visual.load_state_dict(theta_b)
+    assert m.attack_success_rate is not None
+    return m.attack_success_rate
+
+
 def _decoy_scan(
     model: ClipBundle, foundation: ClipBundle, splits: Splits
 ) -> tuple[DifferentialResult, torch.nn.Module, torch.Tensor]:
@@ -121,12 +135,8 @@ def test_rounds_find_what_the_decoy_missed(
     first = hardened.rounds[0]
     assert first.area < 0.5 * first.median_area and first.asr > 0.5 > first.reference_asr
 
-    def true_asr(tau_learned) -> float:  # type: ignore[no-untyped-def]
-        clf.visual.load_state_dict((-tau_learned.tau).apply_to(theta_b, 1.0))
-        m = evaluate(clf, splits.val, badnet_trigger, TARGET)
-        clf.visual.load_state_dict(theta_b)
-        assert m.attack_success_rate is not None
-        return m.attack_success_rate
+    def true_asr(learned: LearnedVector) -> float:
+        return _asr_unlearned(clf, theta_b, learned, splits, badnet_trigger)
 
     before = evaluate(clf, splits.val, badnet_trigger, TARGET).attack_success_rate
     assert before is not None and before > 0.9
@@ -182,12 +192,8 @@ def test_blend_companion_reaches_a_blended_backdoor_the_mask_missed(
     assert with_companion.trigger.count == 2
     assert all(torch.equal(v, theta_b[k]) for k, v in visual_state(clf).items()), "theta_b restored"
 
-    def true_asr(learned) -> float:  # type: ignore[no-untyped-def]
-        clf.visual.load_state_dict((-learned.tau).apply_to(theta_b, 1.0))
-        m = evaluate(clf, splits.val, blended_trigger, TARGET)
-        clf.visual.load_state_dict(theta_b)
-        assert m.attack_success_rate is not None
-        return m.attack_success_rate
+    def true_asr(learned: LearnedVector) -> float:
+        return _asr_unlearned(clf, theta_b, learned, splits, blended_trigger)
 
     before = evaluate(clf, splits.val, blended_trigger, TARGET).attack_success_rate
     assert before is not None and before > 0.9
