@@ -101,8 +101,14 @@ def test_gate_removes_backdoor_with_inverted_trigger(
     # re-inversion rounds (default on for unlearn): evidence for each, and the trigger count it ended with
     rounds = report["reinversion"]
     assert rounds["max_rounds"] == 2 and 1 <= len(rounds["rounds"]) <= 2
-    assert rounds["triggers"] == 1 + sum(r["added"] for r in rounds["rounds"])
-    assert "## Re-inversion rounds" in md
+    # the blend companion (default on): searched once after the rounds, its evidence whether or not it joined
+    (companion,) = rounds["companions"]
+    assert companion["family"] == "blend" and 0 < companion["score"] <= 1, companion
+    if companion["added"]:  # only a small, working blend joins
+        assert companion["score"] < 0.7 * companion["median_score"] and companion["asr"] >= 0.5, companion
+    joined = len(policy.sanitize.unlearn.companion_scales) * int(companion["added"])
+    assert rounds["triggers"] == 1 + sum(r["added"] for r in rounds["rounds"]) + joined
+    assert "## Re-inversion rounds" in md and "## Companion triggers" in md
     assert int(result.exit_code) == 1
     assert report["after"]["attack_success_rate"] <= policy.accept.asr_ceiling
     true = report["true_trigger"]
