@@ -647,10 +647,10 @@ def gate(
             if hardened.trigger.count > 1:
                 companions = sum(c.added for c in hardened.companions)
                 report["trigger_description"] += (
-                    f", {hardened.trigger.count} triggers: the scan's"
+                    f", {hardened.trigger.count} triggers: the scan's, "
+                    f"{sum(r.added for r in hardened.rounds)} re-inverted on the unlearned model"
                     + (f", {companions} companion (full-image blend)" if companions else "")
-                    + f" and {hardened.trigger.count - 1 - companions} re-inverted on the unlearned model"
-                    " (each forget image carries one; ASR is their mean)"
+                    + " (each forget image carries one; ASR is their mean)"
                 )
     if audit is not None and policy.trigger is not None:
         report["true_trigger"] = {

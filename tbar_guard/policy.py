@@ -68,7 +68,6 @@ class UnlearnPolicy(_Section):
     clean_twins: bool = True
     reinvert_rounds: int = Field(2, ge=0, le=5)
     companions: tuple[Literal["blend"], ...] = ("blend",)
-    companion_scales: tuple[Annotated[float, Field(gt=0, le=5)], ...] = Field((1.0,), min_length=1, max_length=4)
 
 
 class ReemergencePolicy(_Section):
@@ -274,7 +273,6 @@ sanitize:
                          # unlearned model; it joins the forget set when its strength is below
                          # detect.differential.blend.ratio x the median of a sample of classes (one chunk),
                          # it works and it is specific (transfer check); [] = off
-    companion_scales: [1.0]  # a joining companion is stamped at each of these multiples of its inverted strength
   alpha:                 # coarse-to-fine search; the backdoor may need alpha > 1
     min: 0.0
     max: 6.0

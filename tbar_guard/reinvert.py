@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,16 @@ class Hardened:
     companions: tuple[Companion, ...] = ()
 
 
+@contextmanager
+def _unlearned(clf: ZeroShotClassifier, theta_b: dict[str, torch.Tensor], learned: LearnedVector) -> Iterator[None]:
+    """``clf.visual`` is θ_b − τ (α = 1) inside the block and θ_b again after it, also on error."""
+    clf.visual.load_state_dict((-learned.tau).apply_to(theta_b, 1.0))
+    try:
+        yield
+    finally:
+        clf.visual.load_state_dict(theta_b)
+
+
 def _companion(
     clf: ZeroShotClassifier,
     shadow: torch.Tensor,
@@ -123,11 +134,12 @@ def _companion(
     max_transfer: float | None,
     reference: nn.Module | None,
     progress: Progress | None,
-) -> tuple[Companion, torch.Tensor, torch.Tensor]:
-    """(evidence, mask, pattern): the target class inverted as a full-image blend on ``clf``, judged
-    like the scan's blend family but against a sample of classes (the target and up to ``targets_per_chunk`` − 1 others, one chunk):
-    it joins when its strength is below ``ratio`` × the sample's median, it works (≥ half the
-    held-out images to the target) and it is specific (transfer check)."""
+) -> tuple[Companion, Trigger]:
+    """(evidence, trigger): the target class inverted as a full-image blend on ``clf``, judged like
+    the scan's blend family but against a sample of classes (the target and up to
+    ``targets_per_chunk`` − 1 others, one chunk): it joins when its strength is below ``ratio`` ×
+    the sample's median, it works (≥ half the held-out images to the target) and it is specific
+    (transfer check)."""
     t0 = time.perf_counter()
     order = torch.randperm(n_classes, generator=torch.Generator().manual_seed(config.seed)).tolist()
     others = [c for c in order if c != target][: max(1, config.targets_per_chunk - 1)]
@@ -162,11 +174,10 @@ def _companion(
         + ("" if math.isnan(transfer) else f"; transfer to the reference {transfer:.2f} (max {max_transfer})")
         + ("; added to the forget set" if added else f"; not added ({', '.join(why)})")
     )
-    mask, pattern = found.trigger(0)
     companion = Companion(
         "blend", strength, median, hit.asr, hit.reference_asr, added, explanation, time.perf_counter() - t0
     )
-    return companion, mask, pattern
+    return companion, Trigger.from_mask(*found.trigger(0))
 
 
 def harden(
@@ -208,8 +219,7 @@ def harden(
         if len(rounds) >= max_rounds:
             break
         t1 = time.perf_counter()
-        try:
-            clf.visual.load_state_dict((-learned.tau).apply_to(theta_b, 1.0))
+        with _unlearned(clf, theta_b, learned):
             again = invert_per_target(
                 clf,
                 shadow,
@@ -220,8 +230,6 @@ def harden(
                 (lambda d, t: progress("re-inversion", d, t)) if progress else None,
                 classes=[target],
             )
-        finally:
-            clf.visual.load_state_dict(theta_b)
         hit = again.per_target[0]
         others = [hit if t.target == target else t for t in scan.per_target]
         median, z = robust_z(torch.tensor([t.area for t in others]), [t.target for t in others].index(target))
@@ -266,19 +274,12 @@ def harden(
         # full-image blend still a specific trigger for the target? (searched on θ_b it also picked
         # the target of BadNet victims, whose backdoor makes the class easy to reach; unlearning that
         # blend diluted the set and the patch survived: gtsrb-badnet-t1-s0, 0.5% -> 34-92%)
-        try:
-            clf.visual.load_state_dict((-learned.tau).apply_to(theta_b, 1.0))
-            companion, mask, pattern = _companion(
+        with _unlearned(clf, theta_b, learned):
+            companion, trigger = _companion(
                 clf, shadow, heldout, len(scan.per_target), target, blend, config.max_transfer, reference, progress
             )
-        finally:
-            clf.visual.load_state_dict(theta_b)
         companions.append(companion)
-        if not companion.added:
-            return Hardened(Trigger.from_masks(members), tuple(rounds), learned, tuple(companions))
-        # stamped at each of the policy's strength scales (the inversion found the weakest)
-        members += [
-            Trigger.from_mask((scale * mask).clamp(0, 1), pattern) for scale in policy.sanitize.unlearn.companion_scales
-        ]
-        learned = learn()
+        if companion.added:
+            members.append(trigger)
+            learned = learn()
     return Hardened(Trigger.from_masks(members), tuple(rounds), learned, tuple(companions))

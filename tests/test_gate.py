@@ -106,8 +106,7 @@ def test_gate_removes_backdoor_with_inverted_trigger(
     assert companion["family"] == "blend" and 0 < companion["score"] <= 1, companion
     if companion["added"]:  # only a small, working blend joins
         assert companion["score"] < 0.7 * companion["median_score"] and companion["asr"] >= 0.5, companion
-    joined = len(policy.sanitize.unlearn.companion_scales) * int(companion["added"])
-    assert rounds["triggers"] == 1 + sum(r["added"] for r in rounds["rounds"]) + joined
+    assert rounds["triggers"] == 1 + sum(r["added"] for r in rounds["rounds"]) + int(companion["added"])
     assert "## Re-inversion rounds" in md and "## Companion triggers" in md
     assert int(result.exit_code) == 1
     assert report["after"]["attack_success_rate"] <= policy.accept.asr_ceiling

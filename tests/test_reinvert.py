@@ -23,7 +23,7 @@ from tbar_guard.differential import BlendConfig, DifferentialConfig, Differentia
 from tbar_guard.errors import PolicyError, UsageError
 from tbar_guard.evaluate import evaluate
 from tbar_guard.policy import Policy, policy_from_dict
-from tbar_guard.reinvert import harden
+from tbar_guard.reinvert import _unlearned, harden
 from tbar_guard.sanitize import LearnedVector
 from tbar_guard.zoo import finetune_victim
 
@@ -96,11 +96,8 @@ def _asr_unlearned(
     clf: ZeroShotClassifier, theta_b: dict[str, torch.Tensor], learned: LearnedVector, splits: Splits, trigger: Trigger
 ) -> float:
     """Validation ASR of ``trigger`` on θ_b − τ (α = 1); ``clf.visual`` is θ_b again on return."""
-    clf.visual.load_state_dict((-learned.tau).apply_to(theta_b, 1.0))
-    try:
+    with _unlearned(clf, theta_b, learned):
         m = evaluate(clf, splits.val, trigger, TARGET)
-    finally:
-        clf.visual.load_state_dict(theta_b)
     assert m.attack_success_rate is not None
     return m.attack_success_rate
 
