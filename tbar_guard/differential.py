@@ -31,6 +31,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -389,7 +390,7 @@ def search_blend(
             config.steps,
             config.batch_size,
             config.lr,
-            config.pattern_cells,
+            (config.pattern_cells or size,) * 2,
             config.strength_weight,
             config.reference_weight,
             config.targets_per_chunk,
@@ -445,25 +446,35 @@ class AdditiveConfig:
     blend toward a fixed image can express.
 
     ε_k = ``max_amplitude``·sigmoid(raw) is one scalar per class, the L∞ amplitude of the
-    perturbation (the score); d_k = tanh(raw direction) ∈ [−1, 1] on a ``pattern_cells`` ×
-    ``pattern_cells`` grid, bilinearly upsampled (0: full resolution)."""
+    perturbation (the score); d_k = tanh(raw direction) ∈ [−1, 1]. ``shape`` "full": the direction
+    lives on a ``pattern_cells`` × ``pattern_cells`` grid, bilinearly upsampled (0: full
+    resolution). "separable": per channel, tanh(r(col) + c(row)), a profile across the image plus a
+    profile down it (2 × side numbers per channel instead of side²): stripes, gratings and ramps in
+    either orientation, the shape of signal triggers such as SIG's sinusoid, while most of the
+    pixel-level freedom a universal adversarial perturbation needs is gone."""
 
     steps: int = 150
     batch_size: int = 32
     lr: float = 0.1
     pattern_cells: int = 0
+    shape: Literal["full", "separable"] = "separable"
+    equal_effect: float | None = 0.9  # score = the amplitude that reaches this held-out share (None: the optimiser's)
     amplitude_weight: float = 5.0  # weight of ε_k in the loss
     max_amplitude: float = 0.5
     reference_weight: float = 1.0
     z_threshold: float | None = None
-    ratio: float = 0.7
+    ratio: float = 0.45
     max_transfer: float | None = None
     targets_per_chunk: int = 10
     seed: int = 0
     max_seconds: float | None = None
 
 
-def _directions(raw: torch.Tensor, size: int) -> torch.Tensor:
+def _directions(raw: torch.Tensor, size: int, shape: str = "full") -> torch.Tensor:
+    """tanh of the raw direction at image resolution: ``raw`` is [k, 3, cells, cells] ("full") or
+    [k, 3, 2, size] ("separable": row 0 the profile across the image, row 1 the profile down it)."""
+    if shape == "separable":
+        return torch.tanh(raw[:, :, 0, None, :] + raw[:, :, 1, :, None])
     if raw.shape[-1] != size:
         raw = F.interpolate(raw, size=(size, size), mode="bilinear", align_corners=False)
     return torch.tanh(raw)
@@ -484,7 +495,9 @@ def invert_additive_per_target(
     size = int(shadow.shape[-1])
 
     def stamp(x: torch.Tensor, eps: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-        return (x[None] + eps.view(-1, 1, 1, 1, 1) * _directions(raw, size)[:, None]).clamp(0, 1)
+        return (x[None] + eps.view(-1, 1, 1, 1, 1) * _directions(raw, size, config.shape)[:, None]).clamp(0, 1)
+
+    cells = config.pattern_cells or size
 
     run = _invert_global(
         classify,
@@ -495,7 +508,7 @@ def invert_additive_per_target(
             config.steps,
             config.batch_size,
             config.lr,
-            config.pattern_cells,
+            (2, size) if config.shape == "separable" else (cells, cells),
             config.amplitude_weight,
             config.reference_weight,
             config.targets_per_chunk,
@@ -503,6 +516,8 @@ def invert_additive_per_target(
             config.max_seconds,
             lambda raw: config.max_amplitude * torch.sigmoid(raw),
             stamp,
+            config.equal_effect,
+            config.max_amplitude,
         ),
         reference,
         progress,
@@ -512,7 +527,7 @@ def invert_additive_per_target(
         pt, config.z_threshold, config.ratio, "full-image additive amplitude", config.max_transfer
     )
     eps = float(run.scores[best])
-    direction = _directions(run.raw_patterns[best : best + 1], size)[0].cpu()
+    direction = _directions(run.raw_patterns[best : best + 1], size, config.shape)[0].cpu()
     return DifferentialResult(
         pt,
         pt[best].target,
@@ -537,7 +552,7 @@ class _GlobalFamily:
     steps: int
     batch_size: int
     lr: float
-    cells: int  # pattern grid (0: full resolution)
+    raw_shape: tuple[int, int]  # the raw pattern per channel (rows, columns)
     score_weight: float
     reference_weight: float
     targets_per_chunk: int
@@ -545,15 +560,59 @@ class _GlobalFamily:
     max_seconds: float | None
     score: Callable[[torch.Tensor], torch.Tensor]  # raw [k] -> score [k]
     stamp: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, score, raw) -> [k, B, 3, H, W]
+    # re-score at equal effect: the smallest score (in [0, score_max]) at which the class's optimised
+    # pattern sends this share of held-out images to the class (None: the optimiser's own score)
+    equal_effect: float | None = None
+    score_max: float = 1.0
+    effect_images: int = 256  # held-out images the equal-effect search reads
 
 
 @dataclass(frozen=True)
 class _GlobalRun:
     per_target: tuple[TargetTrigger, ...]
     scores: torch.Tensor  # [C]
-    raw_patterns: torch.Tensor  # [C, 3, cells, cells]
+    raw_patterns: torch.Tensor  # [C, 3, *raw_shape]
     steps: int
     seconds: float
+
+
+@torch.no_grad()
+def _equal_effect_scores(
+    classify: nn.Module,
+    heldout: torch.Tensor,
+    searched: list[int],
+    family: _GlobalFamily,
+    raw_all: torch.Tensor,
+    device: torch.device,
+    iterations: int = 10,
+) -> torch.Tensor:
+    """Per searched class, bisect the score along the class's optimised pattern for the smallest value
+    that sends ``family.equal_effect`` of (up to ``effect_images``) held-out images to the class;
+    ``score_max`` when even that does not. The optimiser's penalised score lands where the loss's
+    trade-off balances, at a different effect per class; at equal effect a backdoor's trigger stays
+    cheap while a universal adversarial perturbation must grow."""
+    assert family.equal_effect is not None
+    held = heldout[: family.effect_images].to(device)
+    out = torch.empty(len(searched))
+    for i, c in enumerate(searched):
+        raw = raw_all[i : i + 1].to(device)
+
+        def share(s: float, raw: torch.Tensor = raw, c: int = c) -> float:
+            stamped = family.stamp(held, torch.tensor([s], device=device), raw)[0]
+            return float((classify(stamped).argmax(1) == c).float().mean())
+
+        lo, hi = 0.0, family.score_max
+        if share(hi) < family.equal_effect:
+            out[i] = hi
+            continue
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            if share(mid) >= family.equal_effect:
+                hi = mid
+            else:
+                lo = mid
+        out[i] = hi
+    return out.to(device)
 
 
 def _invert_global(
@@ -577,7 +636,6 @@ def _invert_global(
     t0 = time.perf_counter()
     device = next(classify.parameters()).device
     size = int(shadow.shape[-1])
-    cells = family.cells or size
     gen = torch.Generator().manual_seed(family.seed)
     flags = _freeze(classify)
     ref_flags = _freeze(reference) if reference is not None else []
@@ -597,7 +655,7 @@ def _invert_global(
         for chunk in chunks:
             k = len(chunk)
             s_raw = (torch.rand(k, generator=gen) * 0.2 - 3).to(device)
-            p_raw = torch.randn(k, 3, cells, cells, generator=gen).to(device)
+            p_raw = torch.randn(k, 3, *family.raw_shape, generator=gen).to(device)
             s_raw.requires_grad_(True)
             p_raw.requires_grad_(True)
             opt = torch.optim.Adam([s_raw, p_raw], lr=family.lr)
@@ -628,7 +686,9 @@ def _invert_global(
             scores.append(family.score(s_raw).detach())
             raws.append(p_raw.detach())
         score_all = torch.cat(scores)  # [C]
-        raw_all = torch.cat(raws)  # [C, 3, cells, cells]
+        raw_all = torch.cat(raws)  # [C, 3, *raw_shape]
+        if family.equal_effect is not None:
+            score_all = _equal_effect_scores(classify, heldout, searched, family, raw_all, device)
         per_target = []
         with torch.no_grad():
             held = heldout.to(device)

@@ -122,6 +122,8 @@ def additive_config(policy: Policy) -> AdditiveConfig:
         steps=o.steps,
         batch_size=d.batch_size,
         pattern_cells=a.pattern_cells,
+        shape=a.shape,
+        equal_effect=a.equal_effect,
         amplitude_weight=a.amplitude_weight,
         max_amplitude=a.max_amplitude,
         reference_weight=o.reference_weight,
@@ -148,8 +150,10 @@ def run_differential(
 ) -> tuple[DifferentialResult, dict[str, DifferentialResult]]:
     """Every family of ``detect.differential.families``; returns (the deciding result, all results).
 
-    The scan is flagged when any family's rule fires; the deciding result is the fired family with
-    the most negative robust z (when none fired: the first family listed, the mask family by default)."""
+    The scan is flagged when any family's rule fires; the deciding result is the first fired family
+    in the listed order (when none fired: the first family listed, the mask family by default). The
+    order, not the robust z, decides: z-scores of different families are not on one scale (an
+    equal-effect family caps the classes that never reach the share, and its spread can vanish)."""
     results: dict[str, DifferentialResult] = {}
     for family in policy.detect.differential.families:
         if family == "mask":
@@ -171,7 +175,7 @@ def run_differential(
                 _stage(progress, "inversion (additive)"),
             )
     fired = [r for r in results.values() if r.flagged]
-    deciding = min(fired, key=lambda r: r.z) if fired else next(iter(results.values()))
+    deciding = fired[0] if fired else next(iter(results.values()))
     return deciding, results
 
 

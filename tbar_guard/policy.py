@@ -142,10 +142,12 @@ class BlendFamilyPolicy(_Section):
 
 class AdditiveFamilyPolicy(_Section):
     pattern_cells: int = Field(0, ge=0)
+    shape: Literal["full", "separable"] = "separable"
+    equal_effect: float | None = Field(0.9, gt=0, le=1)
     amplitude_weight: float = Field(5.0, gt=0)
     max_amplitude: float = Field(0.5, gt=0, le=1)
     z_threshold: float | None = Field(None, lt=0)
-    ratio: float = Field(0.7, ge=0, lt=1)
+    ratio: float = Field(0.45, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _some_rule(self) -> AdditiveFamilyPolicy:
@@ -312,7 +314,7 @@ detect:                  # trigger inversion (scan, gate)
   min_lift: 0.3          # ... and that share exceeds the class's share on clean images by this much
   differential:
     # Trigger families searched per class; flagged when any family's rule fires; the target and
-    # the trigger handed to removal come from the family with the most negative robust z.
+    # the trigger handed to removal come from the first listed family whose rule fired.
     #   mask:  a compact mask + pattern (patches: BadNet; also finds some blends)
     #   blend: a full-image blend (1 - a) x + a p with one strength a per class (Blended, SIG);
     #          opt-in: on the benchmark zoo it found nothing the mask family missed, at twice the time
@@ -332,12 +334,16 @@ detect:                  # trigger inversion (scan, gate)
       strength_weight: 5.0   # weight of the blend strength a in the loss
       z_threshold: null      # flag when the smallest per-class strength has a robust z-score below this (null = off)
       ratio: 0.7             # ... or is smaller than this fraction of the median strength (0 = off)
-    additive:            # options of the additive family (rule fixed on the MNIST development zoo)
-      pattern_cells: 0       # the signal is a grid of this side upsampled to the image (0 = full resolution)
+    additive:            # options of the additive family (rule fixed on the development zoo bench/zoo-dev.yaml)
+      pattern_cells: 0       # shape full: the signal is a grid of this side upsampled to the image (0 = full resolution)
+      shape: separable       # separable: a profile across + a profile down the image per channel (stripes,
+                             # gratings, ramps: far fewer universal adversarial perturbations); full: any signal
+      equal_effect: 0.9      # score = the amplitude at which the class's optimised signal sends this share of
+                             # held-out images to the class (null = the optimiser's penalised amplitude)
       amplitude_weight: 5.0  # weight of the amplitude eps in the loss
       max_amplitude: 0.5     # eps = max_amplitude * sigmoid(raw): the largest L-inf amplitude searched
       z_threshold: null      # flag when the smallest per-class amplitude has a robust z-score below this (null = off)
-      ratio: 0.7             # ... or is smaller than this fraction of the median amplitude (0 = off)
+      ratio: 0.45            # ... or is smaller than this fraction of the median amplitude (0 = off)
   decree:
     steps: 300           # optimisation steps (batches); the paper runs up to 1000 epochs
     rule: calibrated     # calibrated: compare PL1 with the references; paper: PL1 < paper_threshold
