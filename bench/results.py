@@ -17,13 +17,14 @@ DEFENCE_LABELS = {
     "tbar-agnostic": "TBAR agnostic (gate: inversion -> anchored TBAR)",
     "tbar-unlearn-agnostic": "TBAR agnostic (gate: inversion -> unlearn vector, the default)",
     "tbar-unlearn-agnostic-mask": "TBAR agnostic, mask trigger + re-inversion rounds only (no companion blend)",
+    "tbar-unlearn-agnostic-signal": "TBAR agnostic, the default gate + the separable additive family after the mask family",
     "clean-ft-1x": "clean fine-tune, N = forget size",
     "clean-ft-10x": "clean fine-tune, N = 10x forget size",
     "grad-ascent": "gradient ascent on the forget set",
     "cleanclip": "CleanCLIP-style (cross-modal + in-modal, augmented)",
 }
 KNOWN_TBAR = ("tbar-known", "tbar-plain-known", "tbar-unlearn-known")
-AGNOSTIC_TBAR = ("tbar-agnostic", "tbar-unlearn-agnostic", "tbar-unlearn-agnostic-mask")
+AGNOSTIC_TBAR = ("tbar-agnostic", "tbar-unlearn-agnostic", "tbar-unlearn-agnostic-mask", "tbar-unlearn-agnostic-signal")
 TBAR = KNOWN_TBAR + AGNOSTIC_TBAR
 REMOVALS = (
     *KNOWN_TBAR,
@@ -434,7 +435,11 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     if sweeps:
         keys = sorted({(r["task"], r["attack"]) for r in sweeps})
         colours = dict(
-            zip(TBAR, ["tab:green", "tab:blue", "tab:red", "tab:olive", "tab:purple", "tab:cyan"], strict=True)
+            zip(
+                TBAR,
+                ["tab:green", "tab:blue", "tab:red", "tab:olive", "tab:purple", "tab:cyan", "tab:brown"],
+                strict=True,
+            )
         )
         fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), dpi=100, squeeze=False)
         for ax, (task, attack) in zip(axes[0], keys, strict=True):
@@ -531,7 +536,7 @@ def scan_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> li
     tasks = sorted({r["task"] for r in recs if r["defence"] in scans})
     lines = [
         "One scan per model with the configuration's families (scan-differential-blend: mask and blend; "
-        "scan-differential-additive: additive); each family's rule (robust z of the smallest per-class "
+        "scan-differential-additive / -separable / -separable-ee: additive); each family's rule (robust z of the smallest per-class "
         "score below its threshold, or below a fraction of the median) is read from the same record. Positives: "
         "working attacks (ASR ≥ 90%); negatives: clean controls; 'target right' over the flagged positives; "
         "'s' = seconds of that family's inversion (combined: the whole scan) per model, mean per task. Each attack "

@@ -39,11 +39,21 @@ AGNOSTIC_METHODS = {
     "tbar-agnostic": "anchored",
     "tbar-unlearn-agnostic": "unlearn",
     "tbar-unlearn-agnostic-mask": "unlearn",
+    "tbar-unlearn-agnostic-signal": "unlearn",
 }
 # agnostic defences that differ from the zoo policy in more than the method (part of their record key)
 AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # the gate before companion triggers: the scan's mask trigger and the re-inversion rounds only
     "tbar-unlearn-agnostic-mask": {"sanitize": {"unlearn": {"companions": []}}},
+    # the gate with the separable additive family after the mask family (signal triggers such as SIG)
+    "tbar-unlearn-agnostic-signal": {
+        "detect": {
+            "differential": {
+                "families": ["mask", "additive"],
+                "additive": {"shape": "separable", "equal_effect": 0.9, "z_threshold": None, "ratio": 0.45},
+            }
+        }
+    },
 }
 KNOWN = tuple(KNOWN_METHODS)
 BASELINES = ("clean-ft-1x", "clean-ft-10x", "grad-ascent", "cleanclip")
@@ -63,8 +73,36 @@ SCANS: dict[str, dict[str, Any]] = {
             }
         }
     },
-    # the additive family alone (the mask family's evidence comes with every gate record)
-    "scan-differential-additive": {"detect": {"differential": {"families": ["additive"]}}},
+    # the additive family alone, as first built: any full-resolution signal, scored by the optimiser's
+    # penalised amplitude (the mask family's evidence comes with every gate record)
+    "scan-differential-additive": {
+        "detect": {
+            "differential": {
+                "families": ["additive"],
+                "additive": {"shape": "full", "equal_effect": None, "z_threshold": None, "ratio": 0.7},
+            }
+        }
+    },
+    # the same, restricted to separable signals (a profile across + a profile down the image)
+    "scan-differential-separable": {
+        "detect": {
+            "differential": {
+                "families": ["additive"],
+                "additive": {"shape": "separable", "equal_effect": None, "z_threshold": None, "ratio": 0.7},
+            }
+        }
+    },
+    # separable signals scored at equal effect (the amplitude at which the optimised signal sends 90% of
+    # held-out images to the class); rule fixed on the development zoo (bench/zoo-dev.yaml,
+    # bench/separable_dev.py): smallest amplitude < 0.45 x the median, transfer check as the default
+    "scan-differential-separable-ee": {
+        "detect": {
+            "differential": {
+                "families": ["additive"],
+                "additive": {"shape": "separable", "equal_effect": 0.9, "z_threshold": None, "ratio": 0.45},
+            }
+        }
+    },
 }
 SCAN_ONLY = ("decree", *SCANS)  # detectors that only scan (no removal): run on failed attacks too
 DETECTORS = (*AGNOSTIC_METHODS, *SCAN_ONLY)
