@@ -342,6 +342,11 @@ def detection_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) 
             "tbar-unlearn-agnostic",
             "flagged",
         ),
+        (
+            "differential, mask then separable additive family (gate of tbar-unlearn-agnostic-signal)",
+            "tbar-unlearn-agnostic-signal",
+            "flagged",
+        ),
         ("DECREE, paper rule (PL1 < 0.1)", "decree", "flagged_paper"),
         ("DECREE, calibrated (PL1 < 0.5 × base model's PL1)", "decree", "flagged_calibrated"),
     )

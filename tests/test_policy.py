@@ -302,3 +302,12 @@ def test_sha256_is_stable_across_processes() -> None:
 )
 def test_sha256_changes_when_a_value_changes(change: dict[str, object]) -> None:
     assert policy_from_dict(change).sha256() != Policy().sha256()
+
+
+def test_signal_triggers_policy_is_the_default_plus_the_additive_family() -> None:
+    p = load_policy(REPO / "policies" / "signal-triggers.yaml")
+    assert p.detect.differential.families == ("mask", "additive")
+    a = p.detect.differential.additive
+    assert (a.shape, a.equal_effect, a.ratio) == ("separable", 0.9, 0.45)
+    changed = p.model_copy(update={"detect": Policy().detect})
+    assert changed == Policy()  # nothing else differs from the default
