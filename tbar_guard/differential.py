@@ -480,6 +480,14 @@ def _directions(raw: torch.Tensor, size: int, shape: str = "full") -> torch.Tens
     return torch.tanh(raw)
 
 
+def _additive_words(config: AdditiveConfig) -> str:
+    """What the additive family's score is, for the decision's explanation."""
+    what = "separable" if config.shape == "separable" else "full-image"
+    if config.equal_effect is None:
+        return f"{what} additive amplitude (L-inf)"
+    return f"{what} additive amplitude (L-inf; the one that sends {100 * config.equal_effect:.0f}% of held-out images there)"
+
+
 def invert_additive_per_target(
     classify: nn.Module,
     shadow: torch.Tensor,
@@ -524,7 +532,7 @@ def invert_additive_per_target(
     )
     pt = run.per_target
     best, median, z, flagged, explanation = decide(
-        pt, config.z_threshold, config.ratio, "full-image additive amplitude", config.max_transfer
+        pt, config.z_threshold, config.ratio, _additive_words(config), config.max_transfer
     )
     eps = float(run.scores[best])
     direction = _directions(run.raw_patterns[best : best + 1], size, config.shape)[0].cpu()

@@ -195,6 +195,7 @@ def test_separable_additive_signal_is_a_profile_across_plus_a_profile_down(found
         return worst
 
     assert column_spread(r.additive, r.area) < 1e-3
+    assert "separable additive amplitude (L-inf)" in r.explanation
     full_config = AdditiveConfig(steps=3, batch_size=8, max_amplitude=0.4, shape="full", equal_effect=None)
     full = invert_additive_per_target(clf, shadow, held, 10, full_config)
     assert full.additive is not None
@@ -220,6 +221,7 @@ def test_equal_effect_score_is_the_amplitude_that_reaches_the_share(foundation: 
         at = (clf((held + r.additive).clamp(0, 1)).argmax(1) == r.target).float().mean()
         below = (clf((held + r.additive * (1 - 2 * top / 1024 / eps)).clamp(0, 1)).argmax(1) == r.target).float().mean()
     assert at >= level > below  # the bisection's answer is the smallest amplitude (to 1/1024 of the range)
+    assert "the one that sends 50% of held-out images there) of " in r.explanation
 
 
 def test_additive_shape_is_a_closed_set() -> None:
