@@ -41,6 +41,10 @@ AGNOSTIC_METHODS = {
     "tbar-unlearn-agnostic-mask": "unlearn",
     "tbar-unlearn-agnostic-signal": "unlearn",
 }
+# the separable additive family scored at equal effect (the amplitude at which the optimised signal sends
+# 90% of held-out images to the class); rule fixed on the development zoo (bench/zoo-dev.yaml): smallest
+# amplitude < 0.45 x the median. Spelled out (not left to the product defaults): part of the record keys.
+SIGNAL_FAMILY: dict[str, Any] = {"shape": "separable", "equal_effect": 0.9, "z_threshold": None, "ratio": 0.45}
 # agnostic defences that differ from the zoo policy in more than the method (part of their record key)
 AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # the gate before companion triggers: the scan's mask trigger and the re-inversion rounds only
@@ -50,7 +54,7 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
         "detect": {
             "differential": {
                 "families": ["mask", "additive"],
-                "additive": {"shape": "separable", "equal_effect": 0.9, "z_threshold": None, "ratio": 0.45},
+                "additive": SIGNAL_FAMILY,
             }
         }
     },
@@ -92,14 +96,12 @@ SCANS: dict[str, dict[str, Any]] = {
             }
         }
     },
-    # separable signals scored at equal effect (the amplitude at which the optimised signal sends 90% of
-    # held-out images to the class); rule fixed on the development zoo (bench/zoo-dev.yaml,
-    # bench/separable_dev.py): smallest amplitude < 0.45 x the median, transfer check as the default
+    # the same family as the -signal gate (SIGNAL_FAMILY), scan only; transfer check as the default
     "scan-differential-separable-ee": {
         "detect": {
             "differential": {
                 "families": ["additive"],
-                "additive": {"shape": "separable", "equal_effect": 0.9, "z_threshold": None, "ratio": 0.45},
+                "additive": SIGNAL_FAMILY,
             }
         }
     },

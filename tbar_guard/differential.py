@@ -470,7 +470,7 @@ class AdditiveConfig:
     max_seconds: float | None = None
 
 
-def _directions(raw: torch.Tensor, size: int, shape: str = "full") -> torch.Tensor:
+def _directions(raw: torch.Tensor, size: int, shape: Literal["full", "separable"] = "full") -> torch.Tensor:
     """tanh of the raw direction at image resolution: ``raw`` is [k, 3, cells, cells] ("full") or
     [k, 3, 2, size] ("separable": row 0 the profile across the image, row 1 the profile down it)."""
     if shape == "separable":
