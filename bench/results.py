@@ -17,7 +17,7 @@ DEFENCE_LABELS = {
     "tbar-agnostic": "TBAR agnostic (gate: inversion -> anchored TBAR)",
     "tbar-unlearn-agnostic": "TBAR agnostic (gate: inversion -> unlearn vector, the default)",
     "tbar-unlearn-agnostic-mask": "TBAR agnostic, mask trigger + re-inversion rounds only (no companion blend)",
-    "tbar-unlearn-agnostic-signal": "TBAR agnostic, the default gate + the separable additive family after the mask family",
+    "tbar-unlearn-agnostic-signal": "TBAR agnostic, session 6: mask family (z < -2.5 or < 0.5 x) then the separable additive family",
     "clean-ft-1x": "clean fine-tune, N = forget size",
     "clean-ft-10x": "clean fine-tune, N = 10x forget size",
     "grad-ascent": "gradient ascent on the forget set",
@@ -338,12 +338,12 @@ def detection_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) 
             "flagged",
         ),
         (
-            "differential, the default rule (gate of tbar-unlearn-agnostic; reference = base model)",
+            "differential, the default rule (gate of tbar-unlearn-agnostic: [mask, additive], mask < 0.6 x median; reference = base model)",
             "tbar-unlearn-agnostic",
             "flagged",
         ),
         (
-            "differential, mask then separable additive family (gate of tbar-unlearn-agnostic-signal)",
+            "differential, mask then separable additive family, session 5 mask rule (gate of tbar-unlearn-agnostic-signal)",
             "tbar-unlearn-agnostic-signal",
             "flagged",
         ),
@@ -382,16 +382,17 @@ def detection_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) 
         lines.append(row)
     lines += [
         "",
-        "| model | differential: flagged / z / target / proxy ASR | DECREE: PL1 / ref PL1 / paper / calibrated / target |",
+        "| model | default gate: flagged / deciding family / x median / target / proxy ASR | DECREE: PL1 / ref PL1 / paper / calibrated / target |",
         "|---|---|---|",
     ]
-    names = sorted({r["victim"] for r in recs if r["defence"] in ("tbar-agnostic", "decree")})
+    names = sorted({r["victim"] for r in recs if r["defence"] in ("tbar-unlearn-agnostic", "decree")})
     for name in names:
-        d = next((r for r in recs if r["victim"] == name and r["defence"] == "tbar-agnostic"), None)
+        d = next((r for r in recs if r["victim"] == name and r["defence"] == "tbar-unlearn-agnostic"), None)
         c = next((r for r in recs if r["victim"] == name and r["defence"] == "decree"), None)
+        fam = (d.get("families") or {}).get(d.get("family") or "", {}) if d else {}
         dc = (
-            f"{d['flagged']} / {d['score']:.2f} / {d['detected_target']} / {pct(d['proxy_asr'])}"
-            if d and d.get("score") is not None
+            f"{d['flagged']} / {d.get('family')} / {fam['ratio']:.2f} / {d['detected_target']} / {pct(d['proxy_asr'])}"
+            if d and fam.get("ratio") is not None
             else "–"
         )
         cc = (

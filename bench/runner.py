@@ -45,15 +45,38 @@ AGNOSTIC_METHODS = {
 # 90% of held-out images to the class); rule fixed on the development zoo (bench/zoo-dev.yaml): smallest
 # amplitude < 0.45 x the median. Spelled out (not left to the product defaults): part of the record keys.
 SIGNAL_FAMILY: dict[str, Any] = {"shape": "separable", "equal_effect": 0.9, "z_threshold": None, "ratio": 0.45}
-# agnostic defences that differ from the zoo policy in more than the method (part of their record key)
+# The detection rule of the default policy since session 7 (families [mask, additive], mask family:
+# smallest mask < 0.6 x the median, z off), and the one before it (mask only, z < -2.5 or < 0.5 x).
+DEFAULT_DETECT: dict[str, Any] = {
+    "families": ["mask", "additive"],
+    "z_threshold": None,
+    "area_ratio": 0.6,
+    "max_transfer": 0.25,
+    "additive": SIGNAL_FAMILY,
+}
+SESSION5_MASK_RULE: dict[str, Any] = {"z_threshold": -2.5, "area_ratio": 0.5, "max_transfer": 0.25}
+# Agnostic defences: what differs from the zoo policy, spelled out (part of their record key, so a
+# change of the product defaults never passes a cached record off as the new default's).
 AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
+    # the first agnostic gate (anchored TBAR on the scan's trigger), with session 5's detection rule
+    "tbar-agnostic": {"detect": {"differential": {"families": ["mask"], **SESSION5_MASK_RULE}}},
+    # the gate as the product runs it by default
+    "tbar-unlearn-agnostic": {
+        "detect": {"differential": DEFAULT_DETECT},
+        "sanitize": {"unlearn": {"reinvert_z_threshold": -2.5, "reinvert_area_ratio": 0.5}},
+    },
     # the gate before companion triggers: the scan's mask trigger and the re-inversion rounds only
-    "tbar-unlearn-agnostic-mask": {"sanitize": {"unlearn": {"companions": []}}},
-    # the gate with the separable additive family after the mask family (signal triggers such as SIG)
+    # (session 5's detection rule)
+    "tbar-unlearn-agnostic-mask": {
+        "detect": {"differential": {"families": ["mask"], **SESSION5_MASK_RULE}},
+        "sanitize": {"unlearn": {"companions": []}},
+    },
+    # session 6: the separable additive family after the mask family with session 5's mask rule
     "tbar-unlearn-agnostic-signal": {
         "detect": {
             "differential": {
                 "families": ["mask", "additive"],
+                **SESSION5_MASK_RULE,
                 "additive": SIGNAL_FAMILY,
             }
         }
@@ -67,6 +90,11 @@ BASELINES = ("clean-ft-1x", "clean-ft-10x", "grad-ascent", "cleanclip")
 # seeded generator, identically whether or not the other family runs).
 # The rules are spelled out (not left to the product defaults) so that the record key changes with them.
 SCANS: dict[str, dict[str, Any]] = {
+    # the mask family alone with the rule of the default policy until session 7 (robust z < -2.5 or
+    # < 0.5 x the median; transfer <= 0.25): its per-class evidence, to fix a rule on the development zoo
+    "scan-differential-mask": {
+        "detect": {"differential": {"families": ["mask"], "z_threshold": -2.5, "area_ratio": 0.5, "max_transfer": 0.25}}
+    },
     "scan-differential-blend": {
         "detect": {
             "differential": {

@@ -16,12 +16,14 @@ DECREE did not:
   is specific to the candidate — what a backdoor is.
 
 Decision: a backdoored class needs a much smaller mask than the others. With the per-class mask
-areas a_k, the class is flagged when the robust z-score of the smallest one,
-(a_min − median) / (1.4826·MAD), is below ``z_threshold`` *or* a_min is below ``area_ratio`` × the
-median (the z-score alone misses a clearly small mask when the other classes spread widely: the
-MNIST BadNet victim of bench/results/detection.md, 0.37 × the median at z −1.95, while the clean
-fine-tunes there sat near the median; fixed on that development zoo before the GTSRB/CIFAR-10
-benchmark zoo was run). The class with the smallest mask is the inferred target and its mask +
+areas a_k, the class is flagged when a_min is below ``area_ratio`` × the median (default 0.6), or,
+when ``z_threshold`` is set, when the robust z-score of the smallest one, (a_min − median) /
+(1.4826·MAD), is below it. The z-score is off by default: over 43 classes the smallest of a clean
+model's masks reaches z −2.5 by chance (about one in four for normal scores), and on the development
+zoo (bench/zoo-dev.yaml) the rule "z < −2.5 or ratio < 0.5" flagged a clean GTSRB fine-tune and a
+SIG victim (wrong class) by z alone; the patch/blend victims whose class came out right sat at
+0.17–0.54 × the median (one failed BadNet attack, ASR 88%, at 0.64) and the 8 clean fine-tunes at
+0.66–0.93. The class with the smallest mask is the inferred target and its mask +
 pattern is the inverted trigger handed to removal.
 """
 
@@ -50,8 +52,8 @@ class DifferentialConfig:
     mask_cells: int = 7  # the mask is a mask_cells × mask_cells grid upsampled to the image
     area_weight: float = 5.0  # weight of the mask area (fraction of the image) in the loss
     reference_weight: float = 1.0  # weight of KL(reference on clean || reference on stamped)
-    z_threshold: float = -2.5
-    area_ratio: float = 0.5  # also flag when the smallest mask is below this fraction of the median (0: off)
+    z_threshold: float | None = None  # flag when the smallest mask's robust z-score is below this (None: off)
+    area_ratio: float = 0.6  # flag when the smallest mask is below this fraction of the median (0: off)
     max_transfer: float | None = None  # with a reference: flag only when ref ASR / candidate ASR <= this
     targets_per_chunk: int = 10
     seed: int = 0

@@ -153,7 +153,11 @@ def run_differential(
     The scan is flagged when any family's rule fires; the deciding result is the first fired family
     in the listed order (when none fired: the first family listed, the mask family by default). The
     order, not the robust z, decides: z-scores of different families are not on one scale (an
-    equal-effect family caps the classes that never reach the share, and its spread can vanish)."""
+    equal-effect family caps the classes that never reach the share, and its spread can vanish).
+    Measured against the alternative "the family cheapest against its own median decides": where
+    both families fired on a patch/blend victim the class was the same, and the mask trigger (whose
+    removal the re-inversion rounds and companions harden) removed more of the real trigger
+    (cifar10-blended-t1-s0: true-trigger ASR 4.9% after, vs 9.1% with the additive trigger)."""
     results: dict[str, DifferentialResult] = {}
     for family in policy.detect.differential.families:
         if family == "mask":
@@ -174,16 +178,26 @@ def run_differential(
                 reference,
                 _stage(progress, "inversion (additive)"),
             )
+    return deciding_family(results), results
+
+
+def deciding_family(results: dict[str, DifferentialResult]) -> DifferentialResult:
+    """Of the families' results (in the policy's order): the first that fired (see
+    :func:`run_differential`); the first one when none fired."""
     fired = [r for r in results.values() if r.flagged]
-    deciding = fired[0] if fired else next(iter(results.values()))
-    return deciding, results
+    return fired[0] if fired else next(iter(results.values()))
+
+
+def _score_ratio(r: DifferentialResult) -> float:
+    """The smallest per-class score as a fraction of the family's median (how much cheaper than a typical class)."""
+    return r.area / max(r.median_area, 1e-12)
 
 
 def _family_json(r: DifferentialResult, z_threshold: float | None, ratio_threshold: float) -> dict[str, Any]:
     hit = next(t for t in r.per_target if t.target == r.target)
     transfer = transfer_ratio(hit)
     hit_class, hit_asr, hit_reference_asr = hit.effect()
-    ratio = r.area / max(r.median_area, 1e-12)
+    ratio = _score_ratio(r)
     return {
         "flagged": r.flagged,
         # the score rule alone (z or ratio), before the transfer check

@@ -67,6 +67,8 @@ class UnlearnPolicy(_Section):
     anchor_weight: float = Field(3.0, ge=0)
     clean_twins: bool = True
     reinvert_rounds: int = Field(2, ge=0, le=5)
+    reinvert_z_threshold: float | None = Field(-2.5, lt=0)
+    reinvert_area_ratio: float = Field(0.5, ge=0, lt=1)
     companions: tuple[Literal["blend"], ...] = ("blend",)
 
 
@@ -157,13 +159,13 @@ class AdditiveFamilyPolicy(_Section):
 
 
 class DifferentialPolicy(_Section):
-    families: tuple[DifferentialFamily, ...] = Field(("mask",), min_length=1)
+    families: tuple[DifferentialFamily, ...] = Field(("mask", "additive"), min_length=1)
     steps: int = Field(150, ge=1)
     mask_cells: int = Field(7, ge=1)
     area_weight: float = Field(5.0, gt=0)
     reference_weight: float = Field(1.0, ge=0)
-    z_threshold: float = Field(-2.5, lt=0)
-    area_ratio: float = Field(0.5, ge=0, lt=1)
+    z_threshold: float | None = Field(None, lt=0)
+    area_ratio: float = Field(0.6, ge=0, lt=1)
     max_transfer: float | None = Field(0.25, gt=0, le=1)
     targets_per_chunk: int = Field(10, ge=1)
     blend: BlendFamilyPolicy = BlendFamilyPolicy()
@@ -173,6 +175,8 @@ class DifferentialPolicy(_Section):
     def _families_distinct(self) -> DifferentialPolicy:
         if len(set(self.families)) != len(self.families):
             raise ValueError(f"families {list(self.families)} name a family twice")
+        if self.z_threshold is None and self.area_ratio == 0:
+            raise ValueError("z_threshold is null and area_ratio is 0: the mask family could never flag anything")
         return self
 
 
@@ -271,6 +275,10 @@ sanitize:
     reinvert_rounds: 2   # gate only (inverted trigger, mask family): after unlearning, invert the target
                          # class again on the unlearned model; while that trigger is still anomalous, add it
                          # to the forget set and unlearn again; at most this many added triggers (0 = off)
+    reinvert_z_threshold: -2.5  # "still anomalous": the re-inverted mask's robust z-score against the scan's
+    reinvert_area_ratio: 0.5    # classes is below this (null = off), or its area is below this x their median.
+                         # A test of one class chosen beforehand (not the smallest of many, as in detection),
+                         # so a z-score criterion is sound here
     companions: [blend]  # gate only: after the rounds, invert the target class as a full-image blend on the
                          # unlearned model; it joins the forget set when its strength is below
                          # detect.differential.blend.ratio x the median of a sample of classes (one chunk),
@@ -315,17 +323,19 @@ detect:                  # trigger inversion (scan, gate)
   differential:
     # Trigger families searched per class; flagged when any family's rule fires; the target and
     # the trigger handed to removal come from the first listed family whose rule fired.
-    #   mask:  a compact mask + pattern (patches: BadNet; also finds some blends)
+    #   mask:  a compact mask + pattern (patches: BadNet; also finds most blends)
     #   blend: a full-image blend (1 - a) x + a p with one strength a per class (Blended, SIG);
     #          opt-in: on the benchmark zoo it found nothing the mask family missed, at twice the time
-    #   additive: a faint full-image signal x + eps d with one amplitude eps per class (SIG)
-    families: [mask]     # one or more of: mask, blend, additive
+    #   additive: a faint full-image signal x + eps d with one amplitude eps per class (SIG: stripes,
+    #          gratings); about doubles the scan time; [mask] alone: policies/mask-only.yaml
+    families: [mask, additive]  # one or more of: mask, blend, additive
     steps: 150           # optimisation steps per chunk of classes (each family)
     mask_cells: 7        # the mask is a 7x7 grid upsampled to the image (no scattered pixels)
     area_weight: 5.0     # weight of the mask area in the loss
     reference_weight: 1.0  # weight of KL(reference on clean || reference on stamped) (both families)
-    z_threshold: -2.5    # flag when the smallest per-class mask has a robust z-score below this
-    area_ratio: 0.5      # ... or is smaller than this fraction of the median mask (0 = off)
+    z_threshold: null    # flag when the smallest per-class mask has a robust z-score below this (null = off)
+    area_ratio: 0.6      # ... or is smaller than this fraction of the median mask (0 = off); rule fixed on
+                         # the development zoo bench/zoo-dev.yaml (README "Detection")
     max_transfer: 0.25   # with a reference model: flag only a trigger specific to the candidate, i.e. the
                          # share it sends to the class on the reference / on the candidate <= this (null = off)
     targets_per_chunk: 10  # classes optimised together (memory vs speed; both families)

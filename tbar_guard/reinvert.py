@@ -234,14 +234,16 @@ def harden(
         others = [hit if t.target == target else t for t in scan.per_target]
         median, z = robust_z(torch.tensor([t.area for t in others]), [t.target for t in others].index(target))
         ratio = hit.area / max(median, 1e-12)
-        anomalous = z < config.z_threshold or ratio < config.area_ratio
+        z_max, ratio_max = policy.sanitize.unlearn.reinvert_z_threshold, policy.sanitize.unlearn.reinvert_area_ratio
+        anomalous = (z_max is not None and z < z_max) or ratio < ratio_max
         transfer = transfer_ratio(hit)
         specific = config.max_transfer is None or math.isnan(transfer) or transfer <= config.max_transfer
         added = anomalous and specific
         explanation = (
             f"class {target} re-inverted on the unlearned model: {100 * hit.area:.1f}% of the image vs the scan's "
-            f"median {100 * median:.1f}% (robust z {z:.2f}, {ratio:.2f} x the median; anomalous below z "
-            f"{config.z_threshold} or {config.area_ratio:g} x)"
+            f"median {100 * median:.1f}% (robust z {z:.2f}, {ratio:.2f} x the median; anomalous below "
+            + ("" if z_max is None else f"z {z_max} or ")
+            + f"{ratio_max:g} x)"
             + (
                 ""
                 if math.isnan(transfer)

@@ -142,3 +142,16 @@ def test_from_cache_computes_nothing_and_lists_what_is_missing(
         bench_main(
             ["run", "--zoo", str(TINY), "--out", str(tmp_path / "e"), "--cache", str(tmp_path / "c"), "--from-cache"]
         )
+
+
+def test_the_default_gate_defence_spells_out_the_product_default() -> None:
+    """`tbar-unlearn-agnostic` is the gate as the product runs it by default; its options are spelled
+    out (they are part of its record key), so they must be the product's defaults."""
+    from bench.runner import AGNOSTIC_EXTRA
+    from tbar_guard.policy import Policy, policy_from_dict
+
+    spelled = policy_from_dict(AGNOSTIC_EXTRA["tbar-unlearn-agnostic"])
+    assert spelled.detect.differential == Policy().detect.differential
+    assert spelled.sanitize.unlearn == Policy().sanitize.unlearn
+    older = policy_from_dict(AGNOSTIC_EXTRA["tbar-unlearn-agnostic-signal"])
+    assert older.detect.differential != Policy().detect.differential  # session 6's rule: not the default

@@ -21,6 +21,7 @@ from tbar_guard.data import ImageSet, split
 from tbar_guard.differential import (
     AdditiveConfig,
     BlendConfig,
+    DifferentialResult,
     TargetTrigger,
     decide,
     invert_additive_per_target,
@@ -28,7 +29,7 @@ from tbar_guard.differential import (
     transfer_ratio,
 )
 from tbar_guard.errors import PolicyError
-from tbar_guard.gate import additive_config, blend_config, gate, run_differential
+from tbar_guard.gate import additive_config, blend_config, deciding_family, gate, run_differential
 from tbar_guard.policy import Policy, policy_from_dict
 from tbar_guard.zoo import finetune_victim
 
@@ -54,7 +55,7 @@ def sig_victim(foundation: ClipBundle, train_images: ImageSet, sig_trigger: Trig
 
 
 def test_families_default_and_selection() -> None:
-    assert Policy().detect.differential.families == ("mask",)
+    assert Policy().detect.differential.families == ("mask", "additive")
     p = policy_from_dict({"detect": {"differential": {"families": ["blend"]}}})
     assert p.detect.differential.families == ("blend",)
 
@@ -98,6 +99,23 @@ def test_decide_by_ratio_and_by_z() -> None:
     assert (best, flagged) == (0, False)
     best, _, z, flagged, why = decide(_scores([*spread, 0.14]), -2.5, 0.0, "blend strength")
     assert best == 9 and z < -2.5 and flagged and "robust z" in why
+
+
+def _family(name: str, target: int, area: float, median: float, flagged: bool) -> DifferentialResult:
+    return DifferentialResult(
+        (), target, torch.zeros(2, 2), torch.zeros(3, 2, 2), area, median, -1.0, flagged, "", 1, 0.0, name
+    )
+
+
+def test_the_first_listed_family_that_fired_decides() -> None:
+    mask = _family("mask", 4, 0.045, 0.10, True)  # 0.45 x its median
+    additive = _family("additive", 9, 0.013, 0.10, True)  # 0.13 x its median: cheaper, but listed second
+    assert deciding_family({"mask": mask, "additive": additive}).family == "mask"
+    assert deciding_family({"additive": additive, "mask": mask}).family == "additive"  # the listed order
+    cheap_but_silent = _family("additive", 9, 0.001, 0.10, False)  # did not fire: does not decide
+    assert deciding_family({"mask": mask, "additive": cheap_but_silent}).family == "mask"
+    quiet = _family("mask", 4, 0.09, 0.10, False)
+    assert deciding_family({"mask": quiet, "additive": cheap_but_silent}) is quiet  # none fired: the first listed
 
 
 def test_a_trigger_that_does_nothing_does_not_compete() -> None:

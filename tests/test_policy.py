@@ -304,10 +304,24 @@ def test_sha256_changes_when_a_value_changes(change: dict[str, object]) -> None:
     assert policy_from_dict(change).sha256() != Policy().sha256()
 
 
-def test_signal_triggers_policy_is_the_default_plus_the_additive_family() -> None:
-    p = load_policy(REPO / "policies" / "signal-triggers.yaml")
-    assert p.detect.differential.families == ("mask", "additive")
-    a = p.detect.differential.additive
-    assert (a.shape, a.equal_effect, a.ratio) == ("separable", 0.9, 0.45)
+def test_default_families_and_mask_rule() -> None:
+    d = Policy().detect.differential
+    assert d.families == ("mask", "additive")
+    assert (d.z_threshold, d.area_ratio) == (None, 0.6)
+    assert (d.additive.shape, d.additive.equal_effect, d.additive.ratio) == ("separable", 0.9, 0.45)
+    u = Policy().sanitize.unlearn  # the re-inversion rounds test one class chosen beforehand: z stays on
+    assert (u.reinvert_z_threshold, u.reinvert_area_ratio) == (-2.5, 0.5)
+
+
+def test_mask_family_needs_some_rule() -> None:
+    problems = _problems({"detect": {"differential": {"z_threshold": None, "area_ratio": 0}}})
+    assert any("mask family could never flag" in p for p in problems), problems
+    ok = policy_from_dict({"detect": {"differential": {"z_threshold": -2.5, "area_ratio": 0}}})
+    assert ok.detect.differential.z_threshold == -2.5
+
+
+def test_mask_only_policy_is_the_default_less_the_additive_family() -> None:
+    p = load_policy(REPO / "policies" / "mask-only.yaml")
+    assert p.detect.differential.families == ("mask",)
     changed = p.model_copy(update={"detect": Policy().detect})
     assert changed == Policy()  # nothing else differs from the default
