@@ -65,8 +65,10 @@ def test_clean_twin_not_flagged_with_reference(twin_scan, victim_scan) -> None: 
     assert twin.verdict == "clean" and int(twin.exit_code) == 0, twin.report["reason"]
     # "clean" is never claimed as proven: the report says what was and was not established
     assert "this does not establish that the model is clean" in twin.report["reason"]
-    assert twin.report["claim"] == "no small-mask trigger found; this does not establish that the model is clean"
-    assert set(twin.report["detection"]["families"]) == {"mask"}  # the default; blend is opt-in
+    assert twin.report["claim"] == (
+        "no small-mask or full-image additive trigger found; this does not establish that the model is clean"
+    )
+    assert set(twin.report["detection"]["families"]) == {"mask", "additive"}  # the default; blend is opt-in
     assert twin.report["detection"]["family"] == "mask"
     assert any("that the model is clean" in item for item in twin.report["not_established"])
     assert victim.report["established"] and victim.report["not_established"]
