@@ -389,9 +389,12 @@ def detection_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) 
     for name in names:
         d = next((r for r in recs if r["victim"] == name and r["defence"] == "tbar-unlearn-agnostic"), None)
         c = next((r for r in recs if r["victim"] == name and r["defence"] == "decree"), None)
-        fam = (d.get("families") or {}).get(d.get("family") or "", {}) if d else {}
+        families = (d.get("families") or {}) if d else {}
+        # the deciding family: the first listed that fired (the record keeps the families in the policy's order)
+        deciding = next((f for f, v in families.items() if v.get("flagged")), next(iter(families), None))
+        fam = families.get(deciding or "", {})
         dc = (
-            f"{d['flagged']} / {d.get('family')} / {fam['ratio']:.2f} / {d['detected_target']} / {pct(d['proxy_asr'])}"
+            f"{d['flagged']} / {deciding} / {fam['ratio']:.2f} / {d['detected_target']} / {pct(d['proxy_asr'])}"
             if d and fam.get("ratio") is not None
             else "–"
         )
@@ -483,9 +486,20 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 MAX_TRANSFER = DifferentialPolicy().max_transfer  # the product's default transfer check
-SCAN_RULES = (  # (label, family or None for the scan's combined decision, with the transfer check)
+# (label, family or None for the scan's combined decision, with the transfer check[, mask ratio rule])
+SCAN_RULES: tuple[tuple[Any, ...], ...] = (
     ("mask family, area rule only (the rule before the transfer check)", "mask", False),
-    (f"mask family + transfer check (ref/candidate share ≤ {MAX_TRANSFER}; the default)", "mask", True),
+    (
+        f"mask family as recorded (its z / ratio rule) + transfer check (ref/candidate share ≤ {MAX_TRANSFER})",
+        "mask",
+        True,
+    ),
+    (
+        f"mask family, < {DifferentialPolicy().area_ratio} × the median only (z off; the default since session 7) + transfer check",
+        "mask",
+        True,
+        DifferentialPolicy().area_ratio,
+    ),
     ("blend family, strength rule only", "blend", False),
     (f"blend family + transfer check (≤ {MAX_TRANSFER})", "blend", True),
     ("additive family, amplitude rule only", "additive", False),
@@ -515,9 +529,11 @@ def _area_flag(f: dict[str, Any]) -> bool:
 
 
 def _decision(
-    r: dict[str, Any], family: str | None, transfer: bool = False
+    r: dict[str, Any], family: str | None, transfer: bool = False, ratio: float | None = None
 ) -> tuple[bool, bool | None, float | None] | None:
-    """(flagged, target right, seconds) of one scan record under one rule; None when the family was not run."""
+    """(flagged, target right, seconds) of one scan record under one rule; None when the family was not run.
+    ``ratio``: re-read the family's score rule as "smallest score < ratio × the median" (z off); the
+    target is then right when the class its trigger hits is the victim's target."""
     fams = r.get("families") or {}
     if family is None:
         if not fams:
@@ -528,6 +544,11 @@ def _decision(
     f = fams.get(family)
     if f is None:
         return None
+    if ratio is not None:
+        if f.get("ratio") is None:
+            return None
+        right = f.get("hit_class", f["target"]) == r.get("target") if r.get("attack") else None
+        return bool(f["ratio"] < ratio) and (_specific(f) or not transfer), right, f.get("seconds")
     return _area_flag(f) and (_specific(f) or not transfer), f.get("target_correct"), f.get("seconds")
 
 
@@ -557,8 +578,8 @@ def scan_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) -> li
     ]
     for defence in scans:
         rs = [r for r in recs if r["defence"] == defence]
-        for label, family, transfer in SCAN_RULES:
-            ds = [(r, _decision(r, family, transfer)) for r in rs]
+        for label, family, transfer, *ratio in SCAN_RULES:
+            ds = [(r, _decision(r, family, transfer, *ratio)) for r in rs]
             got = [(r, d) for r, d in ds if d is not None]
             if not got:
                 continue

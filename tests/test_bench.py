@@ -155,3 +155,20 @@ def test_the_default_gate_defence_spells_out_the_product_default() -> None:
     assert spelled.sanitize.unlearn == Policy().sanitize.unlearn
     older = policy_from_dict(AGNOSTIC_EXTRA["tbar-unlearn-agnostic-signal"])
     assert older.detect.differential != Policy().detect.differential  # session 6's rule: not the default
+
+
+def test_scan_table_rereads_the_mask_family_under_the_ratio_rule() -> None:
+    """The session-7 row re-reads a recorded mask family as "< ratio x the median" (z off), with the
+    transfer check, and judges the target by the class the trigger hits."""
+    fam = {"flagged": True, "area_flagged": True, "target": 8, "target_correct": False, "ratio": 0.55}
+    victim = {"attack": "blended", "target": 5, "families": {"mask": {**fam, "hit_class": 5, "transfer_ratio": 0.1}}}
+    assert bench_results._decision(victim, "mask", True, 0.6)[:2] == (True, True)
+    assert bench_results._decision(victim, "mask", True)[:2] == (True, False)  # as recorded: the searched class
+    assert bench_results._decision(victim, "mask", True, 0.5)[0] is False
+    moves_reference = {
+        "attack": None,
+        "target": None,
+        "families": {"mask": {**fam, "hit_class": 2, "transfer_ratio": 0.6}},
+    }
+    assert bench_results._decision(moves_reference, "mask", True, 0.6)[0] is False
+    assert bench_results._decision(moves_reference, "mask", False, 0.6)[0] is True
