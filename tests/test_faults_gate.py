@@ -61,7 +61,7 @@ def register_candidate(server: MlflowServer, victim_dir: Path, base_dir: Path, t
     push_model(victim_dir, name, "candidate", server.uri)
     policy = tmp / f"policy-{name}.yaml"
     policy.write_text(
-        f"data:\n  path: {test_npz}\ndetect:\n  reference_models: ['{base.uri}']\nregistry:\n  alias: production\n",
+        f"data:\n  path: {test_npz}\ndetect:\n  reference_models: ['{base.uri}']\n  differential: {{families: [mask]}}\nregistry:\n  alias: production\n",
         encoding="utf-8",
     )
     return Registered(name, policy)

@@ -23,8 +23,13 @@ def base_dir(foundation, tmp_path_factory) -> Path:  # type: ignore[no-untyped-d
     return out
 
 
-def _policy(base_dir: Path, **extra: object):  # type: ignore[no-untyped-def]
-    raw: dict[str, object] = {"detect": {"reference_models": [str(base_dir)]}}
+def _policy(base_dir: Path, default_families: bool = False, **extra: object):  # type: ignore[no-untyped-def]
+    """The test policy: reference = the base model; the mask family only (half the scan time) unless
+    ``default_families`` (the default scan, [mask, additive], is what the scan fixtures test)."""
+    detect: dict[str, object] = {"reference_models": [str(base_dir)]}
+    if not default_families:
+        detect["differential"] = {"families": ["mask"]}
+    raw: dict[str, object] = {"detect": detect}
     raw.update(extra)
     return policy_from_dict(raw)
 
@@ -32,13 +37,13 @@ def _policy(base_dir: Path, **extra: object):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def victim_scan(victim_dir: Path, test_npz: Path, base_dir: Path, tmp_path_factory):  # type: ignore[no-untyped-def]
     out = tmp_path_factory.mktemp("victim-scan") / "scan"
-    return scan(victim_dir, test_npz, _policy(base_dir), out), out
+    return scan(victim_dir, test_npz, _policy(base_dir, default_families=True), out), out
 
 
 @pytest.fixture(scope="module")
 def twin_scan(clean_twin_dir: Path, test_npz: Path, base_dir: Path, tmp_path_factory):  # type: ignore[no-untyped-def]
     out = tmp_path_factory.mktemp("twin-scan") / "scan"
-    return scan(clean_twin_dir, test_npz, _policy(base_dir), out), out
+    return scan(clean_twin_dir, test_npz, _policy(base_dir, default_families=True), out), out
 
 
 def test_scan_flags_backdoor_and_infers_target(victim_scan) -> None:  # type: ignore[no-untyped-def]
@@ -50,7 +55,8 @@ def test_scan_flags_backdoor_and_infers_target(victim_scan) -> None:  # type: ig
     assert det["actionable"] is True
     assert det["proxy_asr"] > 0.5 > det["base_rate"]
     assert det["family"] == "mask" and det["families"]["mask"]["flagged"]
-    assert det["z_score"] < det["z_threshold"]
+    assert det["z_threshold"] is None  # the default rule: the area ratio alone
+    assert det["area_ratio"] < det["area_ratio_threshold"] == 0.6
     areas = [c["area"] for c in det["per_class"]]
     assert det["pl1"] == min(areas) and areas.index(min(areas)) == 0
     for name in ("mask.png", "pattern.png", "trigger.png", "examples.png", "report.json", "report.md"):
@@ -78,7 +84,7 @@ def test_clean_twin_not_flagged_with_reference(twin_scan, victim_scan) -> None: 
 
 def test_scan_is_deterministic(victim_dir: Path, test_npz: Path, base_dir: Path, tmp_path: Path, victim_scan) -> None:  # type: ignore[no-untyped-def]
     first, out = victim_scan
-    again = scan(victim_dir, test_npz, _policy(base_dir), tmp_path / "b")
+    again = scan(victim_dir, test_npz, _policy(base_dir, default_families=True), tmp_path / "b")
     assert again.report["detection"]["pl1"] == first.report["detection"]["pl1"]
     assert (out / "mask.png").read_bytes() == (tmp_path / "b" / "mask.png").read_bytes()
 
@@ -137,14 +143,14 @@ def test_decree_without_reference_falls_back_to_paper_rule(victim_dir: Path, tes
 
 
 def test_differential_without_reference_says_uncalibrated(victim_dir: Path, test_npz: Path, tmp_path: Path) -> None:
-    policy = policy_from_dict({"detect": {"differential": {"steps": 30}}})
+    policy = policy_from_dict({"detect": {"differential": {"steps": 30, "families": ["mask"]}}})
     result = scan(victim_dir, test_npz, policy, tmp_path / "s")
     assert "no clean reference model" in result.report["detection"]["rule_note"]
 
 
 def test_cli_scan_and_gate_exit_codes(victim_dir: Path, test_npz: Path, base_dir: Path, tmp_path: Path) -> None:
     policy = tmp_path / "p.yaml"
-    policy.write_text(f"detect:\n  reference_models: ['{base_dir}']\n")
+    policy.write_text(f"detect:\n  reference_models: ['{base_dir}']\n  differential: {{families: [mask]}}\n")
     res = runner.invoke(
         app,
         [
@@ -180,7 +186,7 @@ def test_cli_scan_and_gate_exit_codes(victim_dir: Path, test_npz: Path, base_dir
 
 def test_gate_errors_fail_closed(victim_dir: Path, tmp_path: Path, base_dir: Path) -> None:
     policy = tmp_path / "p.yaml"
-    policy.write_text(f"detect:\n  reference_models: ['{base_dir}']\n")
+    policy.write_text(f"detect:\n  reference_models: ['{base_dir}']\n  differential: {{families: [mask]}}\n")
     # no data at all: usage error, nothing written
     res = runner.invoke(
         app, ["gate", "--model", str(victim_dir), "--policy", str(policy), "--out", str(tmp_path / "o")]
