@@ -90,11 +90,9 @@ BASELINES = ("clean-ft-1x", "clean-ft-10x", "grad-ascent", "cleanclip")
 # seeded generator, identically whether or not the other family runs).
 # The rules are spelled out (not left to the product defaults) so that the record key changes with them.
 SCANS: dict[str, dict[str, Any]] = {
-    # the mask family alone with the rule of the default policy until session 7 (robust z < -2.5 or
-    # < 0.5 x the median; transfer <= 0.25): its per-class evidence, to fix a rule on the development zoo
-    "scan-differential-mask": {
-        "detect": {"differential": {"families": ["mask"], "z_threshold": -2.5, "area_ratio": 0.5, "max_transfer": 0.25}}
-    },
+    # the mask family alone with session 5's rule (the default until session 7): its per-class
+    # evidence, to fix a rule on the development zoo
+    "scan-differential-mask": {"detect": {"differential": {"families": ["mask"], **SESSION5_MASK_RULE}}},
     "scan-differential-blend": {
         "detect": {
             "differential": {

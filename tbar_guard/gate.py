@@ -326,7 +326,7 @@ def run_scan(
             "family": result.family,
             "z_score": result.z,
             "z_threshold": thresholds[result.family][0],
-            "area_ratio": result.area / max(result.median_area, 1e-12),
+            "area_ratio": _score_ratio(result),
             "area_ratio_threshold": thresholds[result.family][1],
             "median_area": result.median_area,
             "reference": references[0].source if references else None,
