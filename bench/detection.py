@@ -78,7 +78,7 @@ def main() -> None:
             for method in ("differential", "decree"):
                 detect: dict[str, object] = {"method": method, "reference_models": [str(base)]}
                 if method == "differential":
-                    detect["differential"] = {"families": list(args.families)}
+                    detect["differential"] = {"families": list(args.families), "search_all": True}
                 policy = policy_from_dict({"seed": seed, "detect": detect})
                 t0 = time.perf_counter()
                 result = scan(path, data, policy, path.parent / f"{path.name}-scan-{method}")

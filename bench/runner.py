@@ -49,6 +49,7 @@ SIGNAL_FAMILY: dict[str, Any] = {"shape": "separable", "equal_effect": 0.9, "z_t
 # smallest mask < 0.6 x the median, z off), and the one before it (mask only, z < -2.5 or < 0.5 x).
 DEFAULT_DETECT: dict[str, Any] = {
     "families": ["mask", "additive"],
+    "search_all": False,
     "z_threshold": None,
     "area_ratio": 0.6,
     "max_transfer": 0.25,
@@ -364,7 +365,11 @@ class Runner:
 
     def scan_record(self, v: VictimSpec, vdir: Path, ctx: TaskContext, defence: str, out: Path) -> dict[str, Any]:
         """Scan only (no removal) with one detector configuration of ``SCANS``; reference = the base model."""
-        extra = _deep_update({"detect": {"reference_models": [str(ctx.base_dir)]}}, SCANS[defence])
+        # every family of the configuration is searched even after one fired: the per-family evidence is
+        # what a scan-only record is for. Not part of the record key: records made before the option
+        # existed were made by code that always searched every family.
+        always = {"detect": {"reference_models": [str(ctx.base_dir)], "differential": {"search_all": True}}}
+        extra = _deep_update(always, SCANS[defence])
         r = scan(vdir, ctx.data_npz, self.policy(extra), out).report
         det = r["detection"]
         return {

@@ -157,7 +157,11 @@ def run_differential(
     Measured against the alternative "the family cheapest against its own median decides": where
     both families fired on a patch/blend victim the class was the same, and the mask trigger (whose
     removal the re-inversion rounds and companions harden) removed more of the real trigger
-    (cifar10-blended-t1-s0: true-trigger ASR 4.9% after, vs 9.1% with the additive trigger)."""
+    (cifar10-blended-t1-s0: true-trigger ASR 4.9% after, vs 9.1% with the additive trigger).
+
+    Unless ``detect.differential.search_all``, the families after the first that fired are not run:
+    they could neither clear the verdict nor change the deciding trigger (the returned dict then
+    holds the families searched, in order)."""
     results: dict[str, DifferentialResult] = {}
     for family in policy.detect.differential.families:
         if family == "mask":
@@ -178,6 +182,8 @@ def run_differential(
                 reference,
                 _stage(progress, "inversion (additive)"),
             )
+        if results[family].flagged and not policy.detect.differential.search_all:
+            break  # a later family cannot change the verdict or the deciding trigger
     return deciding_family(results), results
 
 
@@ -341,6 +347,8 @@ def run_scan(
             ],
             "steps": sum(r.steps for r in by_family.values()),
             "families": {f: _family_json(r, *thresholds[f]) for f, r in by_family.items()},
+            # listed families not run: an earlier family fired (detect.differential.search_all is false)
+            "families_not_run": [f for f in o.families if f not in by_family],
         }
     else:
         inversion = _decree(clf, shadow, policy, device, _stage(progress, "inversion"))

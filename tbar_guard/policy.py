@@ -160,6 +160,7 @@ class AdditiveFamilyPolicy(_Section):
 
 class DifferentialPolicy(_Section):
     families: tuple[DifferentialFamily, ...] = Field(("mask", "additive"), min_length=1)
+    search_all: bool = False
     steps: int = Field(150, ge=1)
     mask_cells: int = Field(7, ge=1)
     area_weight: float = Field(5.0, gt=0)
@@ -329,6 +330,8 @@ detect:                  # trigger inversion (scan, gate)
     #   additive: a faint full-image signal x + eps d with one amplitude eps per class (SIG: stripes,
     #          gratings); about doubles the scan time; [mask] alone: policies/mask-only.yaml
     families: [mask, additive]  # one or more of: mask, blend, additive
+    search_all: false    # false: stop at the first family that fired (the verdict and trigger are the same;
+                         # the later families' evidence is not computed); true: search every family
     steps: 150           # optimisation steps per chunk of classes (each family)
     mask_cells: 7        # the mask is a 7x7 grid upsampled to the image (no scattered pixels)
     area_weight: 5.0     # weight of the mask area in the loss

@@ -156,7 +156,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         for key, value in detection.items():
             if not isinstance(value, (dict, list)):
                 lines.append(f"- {key}: {value}")
-        lines += _families_md(detection.get("families"))
+        lines += _families_md(detection.get("families"), detection.get("families_not_run"))
     pictures = {k: v for k, v in report.get("pictures", {}).items() if k != "alpha_sweep"}
     if pictures:
         lines += ["", "## Evidence pictures", ""] + [f"![{name}]({path})" for name, path in pictures.items()]
@@ -172,7 +172,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _families_md(families: Any) -> list[str]:
+def _families_md(families: Any, not_run: Any = None) -> list[str]:
     """The differential detector's per-family evidence: which family fired, the separation, the transfer check."""
     if not isinstance(families, dict) or not families:
         return []
@@ -191,6 +191,12 @@ def _families_md(families: Any) -> list[str]:
             f"{_pct(f.get('target_reference_asr'))} | {'–' if transfer is None else f'{transfer:.2f}'} | "
             f"{f['seconds']:.0f} |"
         )
+    if not_run:
+        lines += [
+            "",
+            f"Not searched (an earlier family fired; `detect.differential.search_all: true` runs them): "
+            f"{', '.join(not_run)}",
+        ]
     return lines
 
 

@@ -259,7 +259,8 @@ def test_mask_family_is_the_same_with_or_without_blend(
     shadow, held = splits.forget.pixels()[:64], splits.val.pixels()[:64]
 
     def policy(families: list[str]) -> Policy:
-        return policy_from_dict({"detect": {"batch_size": 8, "differential": {"steps": 4, "families": families}}})
+        differential = {"steps": 4, "families": families, "search_all": True}  # both run even if mask fires
+        return policy_from_dict({"detect": {"batch_size": 8, "differential": differential}})
 
     alone, by_alone = run_differential(clf, shadow, held, 10, policy(["mask"]), ref)
     both, by_both = run_differential(clf, shadow, held, 10, policy(["mask", "blend"]), ref)

@@ -55,6 +55,10 @@ def test_scan_flags_backdoor_and_infers_target(victim_scan) -> None:  # type: ig
     assert det["actionable"] is True
     assert det["proxy_asr"] > 0.5 > det["base_rate"]
     assert det["family"] == "mask" and det["families"]["mask"]["flagged"]
+    # the mask family fired, so the additive family (listed after it) was not run: it could not change
+    # the verdict or the deciding trigger (detect.differential.search_all: false, the default)
+    assert set(det["families"]) == {"mask"} and det["families_not_run"] == ["additive"]
+    assert "Not searched (an earlier family fired" in (out / "report.md").read_text()
     assert det["z_threshold"] is None  # the default rule: the area ratio alone
     assert det["area_ratio"] < det["area_ratio_threshold"] == 0.6
     areas = [c["area"] for c in det["per_class"]]
@@ -75,6 +79,7 @@ def test_clean_twin_not_flagged_with_reference(twin_scan, victim_scan) -> None: 
         "no small-mask or full-image additive trigger found; this does not establish that the model is clean"
     )
     assert set(twin.report["detection"]["families"]) == {"mask", "additive"}  # the default; blend is opt-in
+    assert twin.report["detection"]["families_not_run"] == []  # nothing fired: every family searched
     assert twin.report["detection"]["family"] == "mask"
     assert any("that the model is clean" in item for item in twin.report["not_established"])
     assert victim.report["established"] and victim.report["not_established"]

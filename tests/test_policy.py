@@ -307,6 +307,7 @@ def test_sha256_changes_when_a_value_changes(change: dict[str, object]) -> None:
 def test_default_families_and_mask_rule() -> None:
     d = Policy().detect.differential
     assert d.families == ("mask", "additive")
+    assert d.search_all is False  # the families after the first that fired are not run
     assert (d.z_threshold, d.area_ratio) == (None, 0.6)
     assert (d.additive.shape, d.additive.equal_effect, d.additive.ratio) == ("separable", 0.9, 0.45)
     u = Policy().sanitize.unlearn  # the re-inversion rounds test one class chosen beforehand: z stays on
