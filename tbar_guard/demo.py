@@ -32,7 +32,8 @@ MARKER = ".tbar-guard-demo"
 MODEL_NAME = "demo-clip"
 
 
-def _fresh_workdir(workdir: Path) -> Path:
+def fresh_workdir(workdir: Path) -> Path:
+    """WORKDIR, empty but for the demo marker; refuses a non-empty folder the demo did not make."""
     workdir = workdir.resolve()
     if workdir.exists() and any(workdir.iterdir()):
         if not (workdir / MARKER).exists():
@@ -51,7 +52,7 @@ def run_demo(
 ) -> RunResult:
     say = log or (lambda _msg: None)
     torch.manual_seed(0)
-    workdir = _fresh_workdir(Path(workdir))
+    workdir = fresh_workdir(Path(workdir))
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     train, test = demo_images("train"), demo_images("test")
 
