@@ -49,13 +49,58 @@ def _rate(hits: Sequence[bool]) -> str:
     return "–" if not hits else f"{sum(hits)}/{len(hits)} ({100 * sum(hits) / len(hits):.0f}%)"
 
 
-def tradeoff(sweep: Sequence[dict[str, Any]] | None, ca0: float) -> tuple[float | None, float | None]:
-    """From a validation α sweep: (best CA kept among α with ASR ≤ 2%, best ASR among α with CA kept ≥ 0.95)."""
+def tradeoff_points(
+    sweep: Sequence[dict[str, Any]] | None, ca0: float
+) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+    """From an α sweep: ((best CA kept among α with ASR ≤ 2%, its α), (best ASR among α with CA kept ≥ 0.95,
+    its α)); ties go to the smaller α."""
     if not sweep or ca0 <= 0:
         return None, None
-    low = [p["clean_accuracy"] / ca0 for p in sweep if p["attack_success_rate"] <= 0.02]
-    keep = [p["attack_success_rate"] for p in sweep if p["clean_accuracy"] / ca0 >= 0.95]
-    return (max(low) if low else None), (min(keep) if keep else None)
+    low = [(p["clean_accuracy"] / ca0, -p["alpha"]) for p in sweep if p["attack_success_rate"] <= 0.02]
+    keep = [(p["attack_success_rate"], p["alpha"]) for p in sweep if p["clean_accuracy"] / ca0 >= 0.95]
+    best_low, best_keep = (max(low) if low else None), (min(keep) if keep else None)
+    return (None if best_low is None else (best_low[0], -best_low[1])), best_keep
+
+
+def tradeoff(sweep: Sequence[dict[str, Any]] | None, ca0: float) -> tuple[float | None, float | None]:
+    """From a validation α sweep: (best CA kept among α with ASR ≤ 2%, best ASR among α with CA kept ≥ 0.95)."""
+    low, keep = tradeoff_points(sweep, ca0)
+    return (None if low is None else low[0]), (None if keep is None else keep[0])
+
+
+def true_curve_table(recs: list[dict[str, Any]]) -> list[str]:
+    """Agnostic gates: their α sweep (chosen under the inverted trigger) read again under the true
+    trigger on the test split (``true_curve``, an audit added by the runner)."""
+    rows = [r for r in recs if r.get("true_curve")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### Agnostic gates: the α sweep under the true trigger (audit, test split)",
+        "",
+        "The gate chose α on the validation split under its *inverted* trigger; here every α of that sweep is "
+        "applied along the same removal direction and measured under the *true* trigger on the test split (it "
+        "chooses nothing). `@ASR≤2%`: best CA kept among those α with true ASR ≤ 2%; `@kept≥0.95`: best true ASR "
+        "among α keeping ≥ 95% of test CA. Each curve cell is `α: CA kept / true ASR %`.",
+        "",
+        "| victim | method | chosen α (true ASR) | CA kept @ASR≤2% (α) | best true ASR @kept≥0.95 (α) | curve |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["defence"], r["victim"])):
+        ca0 = max(r["ca_before"], 1e-12)
+        pts = [(p["alpha"], p["clean_accuracy"] / ca0, p["attack_success_rate"]) for p in r["true_curve"]]
+        best_low, best_keep = tradeoff_points(r["true_curve"], ca0)
+        chosen = next((asr for a, _, asr in pts if a == r["alpha"]), None)
+        lines.append(
+            f"| {r['victim']} | {r['defence']} | {r['alpha']} ({pct(chosen)}) | "
+            + ("–" if best_low is None else f"{best_low[0]:.3f} ({best_low[1]:g})")
+            + " | "
+            + ("–" if best_keep is None else f"{pct(best_keep[0])} ({best_keep[1]:g})")
+            + " | "
+            + ", ".join(f"{a:g}: {k:.3f} / {pct(asr)}" for a, k, asr in pts)
+            + " |"
+        )
+    return lines
 
 
 def write_markdown(results: dict[str, Any], out: Path, command: str) -> Path:
@@ -165,6 +210,8 @@ def write_markdown(results: dict[str, Any], out: Path, command: str) -> Path:
             f"{r['ca_after_chosen_alpha'] / max(r['ca_before'], 1e-12):.3f} | {pct(r['asr_after_chosen_alpha'])} | "
             f"{pct(r.get('reemergence_asr'))} | {r['verdict']} | {r.get('seconds', 0):.0f} |"
         )
+
+    lines += true_curve_table(recs)
 
     # ---- detection --------------------------------------------------------------------------
     lines += ["", "## Detection", "", *detection_tables(recs, victims)]

@@ -23,13 +23,14 @@ from bench.zoo import VictimSpec, Zoo, ZooSpec, key_of, load_zoo
 from tbar_guard import __version__, detect
 from tbar_guard.attacks import build_trigger, spec_to_dict
 from tbar_guard.bundle import load_bundle
-from tbar_guard.clip import classifier_for
+from tbar_guard.clip import classifier_for, visual_state
 from tbar_guard.data import ImageSet, Splits, split
 from tbar_guard.evaluate import evaluate
 from tbar_guard.gate import gate, scan
 from tbar_guard.pipeline import sanitize
 from tbar_guard.policy import Policy, policy_from_dict
 from tbar_guard.reemerge import ReemergenceConfig, measure_reemergence
+from tbar_guard.task_vector import TaskVector
 
 Log = Callable[[str], None]
 
@@ -40,6 +41,7 @@ AGNOSTIC_METHODS = {
     "tbar-unlearn-agnostic": "unlearn",
     "tbar-unlearn-agnostic-mask": "unlearn",
     "tbar-unlearn-agnostic-signal": "unlearn",
+    "tbar-unlearn-agnostic-s7": "unlearn",
 }
 # the separable additive family scored at equal effect (the amplitude at which the optimised signal sends
 # 90% of held-out images to the class); rule fixed on the development zoo (bench/zoo-dev.yaml): smallest
@@ -58,29 +60,46 @@ DEFAULT_DETECT: dict[str, Any] = {
 SESSION5_MASK_RULE: dict[str, Any] = {"z_threshold": -2.5, "area_ratio": 0.5, "max_transfer": 0.25}
 # Agnostic defences: what differs from the zoo policy, spelled out (part of their record key, so a
 # change of the product defaults never passes a cached record off as the new default's).
+# Gates built before session 8 chose α without extending it along the inverted trigger's plateau.
+BEFORE_EXTEND: dict[str, Any] = {"alpha": {"extend_inverted": False}}
 AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # the first agnostic gate (anchored TBAR on the scan's trigger), with session 5's detection rule
-    "tbar-agnostic": {"detect": {"differential": {"families": ["mask"], **SESSION5_MASK_RULE}}},
+    "tbar-agnostic": {
+        "detect": {"differential": {"families": ["mask"], **SESSION5_MASK_RULE}},
+        "sanitize": BEFORE_EXTEND,
+    },
     # the gate as the product runs it by default
     "tbar-unlearn-agnostic": {
         "detect": {"differential": DEFAULT_DETECT},
-        "sanitize": {"unlearn": {"reinvert_z_threshold": -2.5, "reinvert_area_ratio": 0.5}},
+        "sanitize": {
+            "unlearn": {"reinvert_z_threshold": -2.5, "reinvert_area_ratio": 0.5},
+            "alpha": {"extend_inverted": True},
+        },
     },
     # the gate before companion triggers: the scan's mask trigger and the re-inversion rounds only
     # (session 5's detection rule)
     "tbar-unlearn-agnostic-mask": {
         "detect": {"differential": {"families": ["mask"], **SESSION5_MASK_RULE}},
-        "sanitize": {"unlearn": {"companions": []}},
+        "sanitize": {"unlearn": {"companions": []}, **BEFORE_EXTEND},
     },
     # session 6: the separable additive family after the mask family with session 5's mask rule
+    # (every family searched, as the code of then did)
     "tbar-unlearn-agnostic-signal": {
         "detect": {
             "differential": {
                 "families": ["mask", "additive"],
+                "search_all": True,
                 **SESSION5_MASK_RULE,
                 "additive": SIGNAL_FAMILY,
             }
-        }
+        },
+        "sanitize": BEFORE_EXTEND,
+    },
+    # the default gate before α was extended (session 7's removal; the scan stops at the first family
+    # that fired, which changes neither verdict nor trigger)
+    "tbar-unlearn-agnostic-s7": {
+        "detect": {"differential": DEFAULT_DETECT},
+        "sanitize": {"unlearn": {"reinvert_z_threshold": -2.5, "reinvert_area_ratio": 0.5}, **BEFORE_EXTEND},
     },
 }
 KNOWN = tuple(KNOWN_METHODS)
@@ -279,6 +298,8 @@ class Runner:
             key = cached.stem.rsplit("-", 1)[1]
             if cached.exists():
                 rec = json.loads(cached.read_text())
+                if not self.from_cache and self.wants_true_curve(defence, rec):
+                    self.add_true_curve(v, vdir, ctx, rec, self.cache / "runs" / cached.stem, cached)
             elif self.from_cache:
                 self.missing.append(f"{v.name} x {defence}")
                 continue
@@ -289,6 +310,8 @@ class Runner:
                 rec["commit"] = self.commit  # the code that computed this record
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 cached.write_text(json.dumps(rec, indent=2), encoding="utf-8")
+                if self.wants_true_curve(defence, rec):
+                    self.add_true_curve(v, vdir, ctx, rec, self.cache / "runs" / cached.stem, cached)
             rec = {
                 "victim": v.name,
                 "task": v.task,
@@ -300,6 +323,45 @@ class Runner:
             }
             self.records.append(rec)
             self.log(f"  {defence}: {_brief(rec)}")
+
+    @staticmethod
+    def wants_true_curve(defence: str, rec: dict[str, Any]) -> bool:
+        return (
+            defence in AGNOSTIC_METHODS
+            and rec.get("verdict") == "removed"
+            and bool(rec.get("alpha"))
+            and "true_curve" not in rec
+        )
+
+    def add_true_curve(
+        self, v: VictimSpec, vdir: Path, ctx: TaskContext, rec: dict[str, Any], run_dir: Path, cached: Path
+    ) -> None:
+        """An agnostic gate's α chosen on the validation split under its *inverted* trigger: the
+        whole α sweep read again under the *true* trigger on the test split (an audit; it chooses
+        nothing). The removal direction is rebuilt from the shipped model: θ(α) = θ_b + (α / α*)(θ_s − θ_b).
+        Stored into the record (``true_curve``); the record's key is unchanged (the same run, read again).
+        Skipped when the run folder's model is gone."""
+        model = run_dir / "model"
+        if v.attack is None or not (model / "open_clip_model.safetensors").is_file():
+            return
+        clf = classifier_for(load_bundle(vdir))
+        theta_b = visual_state(clf)
+        step = TaskVector.between(theta_b, visual_state(classifier_for(load_bundle(model))))
+        trigger = build_trigger(self.spec.trigger(v.attack), self.spec.preprocess.image_size)
+        seed = self.policy().seed
+        curve = []
+        for point in rec.get("alpha_sweep") or []:
+            clf.visual.load_state_dict(step.apply_to(theta_b, point["alpha"] / rec["alpha"]))
+            m = evaluate(clf, ctx.splits.test, trigger, v.target, seed=seed)
+            curve.append(
+                {
+                    "alpha": point["alpha"],
+                    "clean_accuracy": m.clean_accuracy,
+                    "attack_success_rate": m.attack_success_rate,
+                }
+            )
+        rec["true_curve"] = curve
+        cached.write_text(json.dumps(rec, indent=2), encoding="utf-8")
 
     def defend(self, v: VictimSpec, vdir: Path, ctx: TaskContext, defence: str, key: str) -> dict[str, Any]:
         out = self._fresh_dir(f"{v.name}-{defence}-{key}")

@@ -634,6 +634,7 @@ def gate(
             progress,
             audit,
             hardened.learned if hardened else None,
+            inverted=True,
         )
         verdict = "unremoved" if removal.verdict == "clean" else removal.verdict
         reason = f"{result.explanation}; removal: {removal.reason}"

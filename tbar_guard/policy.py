@@ -48,6 +48,7 @@ class AlphaPolicy(_Section):
     fine_step: float = Field(0.1, gt=0)
     select: Literal["lowest-asr", "best-ca"] = "lowest-asr"
     asr_tolerance: float = Field(0.01, ge=0, le=1)
+    extend_inverted: bool = True
 
     @model_validator(mode="after")
     def _range_not_empty(self) -> AlphaPolicy:
@@ -293,6 +294,9 @@ sanitize:
                          # best-ca: highest CA among alphas within the floor AND under the ASR ceiling
     asr_tolerance: 0.01  # lowest-asr only: take the highest-CA alpha whose ASR is within this of the
                          # lowest (never above the ceiling when the lowest is under it); 0 = strict
+    extend_inverted: true  # gate (inverted trigger): then go on to larger alphas while validation CA stays
+                           # within one standard error of the chosen alpha's (and ASR within the tolerance,
+                           # under the ceiling): an inverted trigger's ASR floors before the real one's
   reemergence:           # after a removal: fine-tune the sanitized model on clean images, measure ASR again
     enabled: true          # repair images: forget-split images the forget set did not use (test split never)
     images: 1000           # clean images (true labels), cross-entropy through the frozen zero-shot head

@@ -49,6 +49,8 @@ def removal_json(removal: Removal) -> dict[str, Any]:
         "after": removal.after.to_json(),
         "val_before": removal.val_before.to_json(),
         "alpha_sweep": sweep_json(removal.choice.sweep) if removal.choice else [],
+        # sanitize.alpha.extend_inverted moved the choice from this α (null: it did not)
+        "alpha_extended_from": removal.choice.extended_from if removal.choice else None,
         "forget_size": removal.forget_size,
         "trigger_vector_norm": removal.trigger_vector_norm,
         "trigger_vector_relative_norm": removal.relative_norm,

@@ -107,6 +107,24 @@ def test_tradeoff_reads_both_views_of_the_alpha_curve() -> None:
     assert kept_at_low_asr == pytest.approx(0.70 / 0.80)
     assert asr_at_high_kept == pytest.approx(0.30)
     assert bench_results.tradeoff([], 0.8) == (None, None)
+    low, keep = bench_results.tradeoff_points(sweep, 0.80)
+    assert low == (pytest.approx(0.70 / 0.80), 2.0) and keep == (pytest.approx(0.30), 1.0)
+
+
+def test_true_curve_table_reads_the_agnostic_sweep_under_the_true_trigger() -> None:
+    curve = [
+        {"alpha": 0.0, "clean_accuracy": 0.60, "attack_success_rate": 0.92},
+        {"alpha": 1.0, "clean_accuracy": 0.60, "attack_success_rate": 0.10},
+        {"alpha": 1.5, "clean_accuracy": 0.59, "attack_success_rate": 0.015},
+        {"alpha": 2.0, "clean_accuracy": 0.50, "attack_success_rate": 0.0},
+    ]
+    rec = {"victim": "v", "defence": "tbar-unlearn-agnostic", "alpha": 1.0, "ca_before": 0.60, "true_curve": curve}
+    lines = bench_results.true_curve_table([rec, {"victim": "w", "defence": "decree"}])
+    row = next(line for line in lines if line.startswith("| v |"))
+    # chosen α 1.0 leaves 10% true ASR; α 1.5 would reach 1.5% keeping 0.983 of CA; α 2.0 falls under 0.95
+    assert row.startswith("| v | tbar-unlearn-agnostic | 1.0 (10.0) | 0.983 (1.5) | 1.5 (1.5) | 0: 1.000 / 92.0,")
+    assert not any(line.startswith("| w |") for line in lines)
+    assert bench_results.true_curve_table([{"victim": "w", "defence": "decree"}]) == []
 
 
 @pytest.mark.slow
@@ -153,6 +171,7 @@ def test_the_default_gate_defence_spells_out_the_product_default() -> None:
     spelled = policy_from_dict(AGNOSTIC_EXTRA["tbar-unlearn-agnostic"])
     assert spelled.detect.differential == Policy().detect.differential
     assert spelled.sanitize.unlearn == Policy().sanitize.unlearn
+    assert spelled.sanitize.alpha == Policy().sanitize.alpha
     older = policy_from_dict(AGNOSTIC_EXTRA["tbar-unlearn-agnostic-signal"])
     assert older.detect.differential != Policy().detect.differential  # session 6's rule: not the default
 

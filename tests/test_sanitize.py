@@ -405,6 +405,38 @@ def test_progress_is_reported() -> None:
     assert [d for _, d, _ in seen] == list(range(1, len(seen) + 1))
 
 
+def _plateau_curve() -> Curve:
+    """An inverted trigger's ASR floors at 0.02 from α 1 on; CA falls slowly (−0.004 per 0.1 α)
+    from 0.8, faster past α 2."""
+    return Curve(
+        lambda a: 0.8 - 0.04 * a - (0.1 * (a - 2.0) if a > 2.0 else 0.0),
+        lambda a: max(0.02, 1.0 - a),
+    )
+
+
+def test_extension_moves_along_the_plateau_while_ca_is_within_the_noise() -> None:
+    plain = search_alpha(_plateau_curve(), 0.8, ACCEPT, ALPHA)
+    assert plain.alpha == 1.0 and plain.extended_from is None  # the plateau's start
+    curve = _plateau_curve()
+    choice = search_alpha(curve, 0.8, ACCEPT, ALPHA, ca_noise=0.025)
+    # CA(1.0) = 0.76: every evaluated α with CA >= 0.735 and ASR <= 0.02 qualifies: 1.5 (0.74), not 2.0 (0.72)
+    assert choice.extended_from == 1.0 and choice.alpha == 1.5
+    assert choice.point.clean_accuracy >= 0.76 - 0.025 and choice.point.attack_success_rate == 0.02
+    assert choice.sweep == search_alpha(_plateau_curve(), 0.8, ACCEPT, ALPHA).sweep  # nothing more measured
+    tight = search_alpha(_plateau_curve(), 0.8, ACCEPT, ALPHA, ca_noise=0.001)
+    assert tight.alpha == 1.0 and tight.extended_from is None  # any CA cost above the noise stops it
+
+
+def test_extension_stops_at_a_rise_in_asr_and_never_crosses_the_ceiling() -> None:
+    # ASR 0.02 on the plateau [1, 1.5], then 0.04 (within the ceiling 0.05, beyond tolerance 0), CA flat
+    curve = Curve(lambda a: 0.8, lambda a: 1.0 - a if a < 1.0 else (0.02 if a <= 1.5 else 0.04))
+    choice = search_alpha(curve, 0.8, ACCEPT, ALPHA, ca_noise=0.05)
+    assert choice.alpha == 1.5 and choice.extended_from == 1.0
+    # a choice over the ceiling is not extended (nothing was removed to go on from)
+    stuck = Curve(lambda a: 0.8, lambda a: 0.3)
+    assert search_alpha(stuck, 0.8, ACCEPT, ALPHA, ca_noise=0.05).extended_from is None
+
+
 def test_custom_alpha_range() -> None:
     alpha = AlphaPolicy(min=0.0, max=2.0, coarse_step=1.0, fine_step=0.25)
     curve = Curve(_linear(0.8, -0.05), _linear(1.0, -0.4))
