@@ -21,8 +21,8 @@ import torch
 from bench import datasets, defences
 from bench.zoo import VictimSpec, Zoo, ZooSpec, key_of, load_zoo
 from tbar_guard import __version__, detect
-from tbar_guard.attacks import build_trigger, spec_to_dict
-from tbar_guard.bundle import load_bundle
+from tbar_guard.attacks import Trigger, build_trigger, spec_to_dict
+from tbar_guard.bundle import ClipBundle, load_bundle
 from tbar_guard.clip import classifier_for, visual_state
 from tbar_guard.data import ImageSet, Splits, split
 from tbar_guard.evaluate import evaluate
@@ -344,22 +344,18 @@ class Runner:
         model = run_dir / "model"
         if v.attack is None or not (model / "open_clip_model.safetensors").is_file():
             return
-        clf = classifier_for(load_bundle(vdir))
-        theta_b = visual_state(clf)
-        step = TaskVector.between(theta_b, visual_state(classifier_for(load_bundle(model))))
         trigger = build_trigger(self.spec.trigger(v.attack), self.spec.preprocess.image_size)
-        seed = self.policy().seed
-        curve = []
-        for point in rec.get("alpha_sweep") or []:
-            clf.visual.load_state_dict(step.apply_to(theta_b, point["alpha"] / rec["alpha"]))
-            m = evaluate(clf, ctx.splits.test, trigger, v.target, seed=seed)
-            curve.append(
-                {
-                    "alpha": point["alpha"],
-                    "clean_accuracy": m.clean_accuracy,
-                    "attack_success_rate": m.attack_success_rate,
-                }
-            )
+        alphas = [p["alpha"] for p in rec.get("alpha_sweep") or []]
+        curve = true_curve(
+            load_bundle(vdir),
+            load_bundle(model),
+            rec["alpha"],
+            alphas,
+            ctx.splits.test,
+            trigger,
+            v.target,
+            self.policy().seed,
+        )
         rec["true_curve"] = curve
         cached.write_text(json.dumps(rec, indent=2), encoding="utf-8")
 
@@ -630,6 +626,29 @@ def machine() -> dict[str, Any]:
         "commit": git("rev-parse", "HEAD"),
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
     }
+
+
+def true_curve(
+    victim: ClipBundle,
+    shipped: ClipBundle,
+    chosen: float,
+    alphas: list[float],
+    images: ImageSet,
+    trigger: Trigger,
+    target: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """CA and ASR (``trigger`` → ``target``) on ``images`` at each α along the removal that shipped
+    ``shipped`` from ``victim`` at α = ``chosen``: θ(α) = θ_b + (α / chosen)(θ_s − θ_b) (image tower)."""
+    clf = classifier_for(victim)
+    theta_b = visual_state(clf)
+    step = TaskVector.between(theta_b, visual_state(classifier_for(shipped)))
+    out = []
+    for a in alphas:
+        clf.visual.load_state_dict(step.apply_to(theta_b, a / chosen))
+        m = evaluate(clf, images, trigger, target, seed=seed)
+        out.append({"alpha": a, "clean_accuracy": m.clean_accuracy, "attack_success_rate": m.attack_success_rate})
+    return out
 
 
 def record_path(cache: Path, spec: ZooSpec, v: VictimSpec, defence: str) -> Path:

@@ -6,11 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import results as bench_results
+from bench import runner as bench_runner
 from bench.__main__ import main as bench_main
 from bench.datasets import DEFAULT_SHARED
 from bench.zoo import load_zoo
+from tbar_guard.attacks import Trigger
+from tbar_guard.bundle import ClipBundle
+from tbar_guard.clip import classifier_for
+from tbar_guard.data import ImageSet
+from tbar_guard.evaluate import evaluate
 
 TINY = Path(__file__).parent / "data" / "zoo-tiny.yaml"
 needs_data = pytest.mark.skipif(not (DEFAULT_SHARED / "mnist").is_dir(), reason="../shared/data is not present")
@@ -191,3 +198,20 @@ def test_scan_table_rereads_the_mask_family_under_the_ratio_rule() -> None:
     }
     assert bench_results._decision(moves_reference, "mask", True, 0.6)[0] is False
     assert bench_results._decision(moves_reference, "mask", False, 0.6)[0] is True
+
+
+def test_true_curve_rebuilds_the_removal_direction_from_the_shipped_model(
+    badnet_victim: ClipBundle, clean_twin: ClipBundle, test_images: ImageSet, badnet_trigger: Trigger
+) -> None:
+    """The audit curve walks θ_b + (α / α*)(θ_s − θ_b): at α = 0 it is the victim, at α* the shipped
+    model (here the "shipped" model is the clean twin, as if shipped at α* = 2)."""
+    images = test_images.subset(torch.arange(0, 300))
+    curve = bench_runner.true_curve(badnet_victim, clean_twin, 2.0, [0.0, 1.0, 2.0], images, badnet_trigger, 0, 0)
+    victim = evaluate(classifier_for(badnet_victim), images, badnet_trigger, 0)
+    shipped = evaluate(classifier_for(clean_twin), images, badnet_trigger, 0)
+    assert [p["alpha"] for p in curve] == [0.0, 1.0, 2.0]
+    assert curve[0]["attack_success_rate"] == pytest.approx(victim.attack_success_rate, abs=1e-6)
+    assert curve[2]["attack_success_rate"] == pytest.approx(shipped.attack_success_rate, abs=0.01)
+    assert curve[2]["clean_accuracy"] == pytest.approx(shipped.clean_accuracy, abs=0.01)
+    assert victim.attack_success_rate is not None and shipped.attack_success_rate is not None
+    assert victim.attack_success_rate > 0.8 > shipped.attack_success_rate + 0.5  # the two ends differ
