@@ -60,6 +60,8 @@ DEFAULT_DETECT: dict[str, Any] = {
 SESSION5_MASK_RULE: dict[str, Any] = {"z_threshold": -2.5, "area_ratio": 0.5, "max_transfer": 0.25}
 # Agnostic defences: what differs from the zoo policy, spelled out (part of their record key, so a
 # change of the product defaults never passes a cached record off as the new default's).
+# The default gate's re-inversion rounds' own rule (sessions 7 and 8).
+REINVERT_RULE: dict[str, Any] = {"reinvert_z_threshold": -2.5, "reinvert_area_ratio": 0.5}
 # Gates built before session 8 chose α without extending it along the inverted trigger's plateau.
 BEFORE_EXTEND: dict[str, Any] = {"alpha": {"extend_inverted": False}}
 AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
@@ -72,7 +74,7 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     "tbar-unlearn-agnostic": {
         "detect": {"differential": DEFAULT_DETECT},
         "sanitize": {
-            "unlearn": {"reinvert_z_threshold": -2.5, "reinvert_area_ratio": 0.5},
+            "unlearn": REINVERT_RULE,
             "alpha": {"extend_inverted": True},
         },
     },
@@ -99,7 +101,7 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # that fired, which changes neither verdict nor trigger)
     "tbar-unlearn-agnostic-s7": {
         "detect": {"differential": DEFAULT_DETECT},
-        "sanitize": {"unlearn": {"reinvert_z_threshold": -2.5, "reinvert_area_ratio": 0.5}, **BEFORE_EXTEND},
+        "sanitize": {"unlearn": REINVERT_RULE, **BEFORE_EXTEND},
     },
 }
 KNOWN = tuple(KNOWN_METHODS)
@@ -298,8 +300,6 @@ class Runner:
             key = cached.stem.rsplit("-", 1)[1]
             if cached.exists():
                 rec = json.loads(cached.read_text())
-                if not self.from_cache and self.wants_true_curve(defence, rec):
-                    self.add_true_curve(v, vdir, ctx, rec, self.cache / "runs" / cached.stem, cached)
             elif self.from_cache:
                 self.missing.append(f"{v.name} x {defence}")
                 continue
@@ -310,8 +310,8 @@ class Runner:
                 rec["commit"] = self.commit  # the code that computed this record
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 cached.write_text(json.dumps(rec, indent=2), encoding="utf-8")
-                if self.wants_true_curve(defence, rec):
-                    self.add_true_curve(v, vdir, ctx, rec, self.cache / "runs" / cached.stem, cached)
+            if not self.from_cache and self.wants_true_curve(defence, rec):  # new or cached before the curve
+                self.add_true_curve(v, vdir, ctx, rec, self.cache / "runs" / cached.stem, cached)
             rec = {
                 "victim": v.name,
                 "task": v.task,

@@ -412,7 +412,7 @@ def remove_backdoor(
     if inverted and policy.sanitize.alpha.extend_inverted:
         # one standard error of the validation CA estimate (binomial), at the original model's CA
         ca = val_before.clean_accuracy
-        ca_noise = math.sqrt(max(ca * (1 - ca), 0.0) / max(len(splits.val), 1))
+        ca_noise = math.sqrt(ca * (1 - ca) / max(len(splits.val), 1))
     choice = search_alpha(measure, val_before.clean_accuracy, policy.accept, policy.sanitize.alpha, progress, ca_noise)
     seconds_search = time.perf_counter() - t1
     sanitized = negated.apply_to(theta_b, choice.alpha)
