@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fast_policy import FAST_REMOVAL_YAML
 from faulty_proxy import Fault, faulty_proxy
 from mlflow import MlflowClient
 from mlflow_server import MlflowServer, mlflow_server  # noqa: F401
@@ -61,7 +62,8 @@ def register_candidate(server: MlflowServer, victim_dir: Path, base_dir: Path, t
     push_model(victim_dir, name, "candidate", server.uri)
     policy = tmp / f"policy-{name}.yaml"
     policy.write_text(
-        f"data:\n  path: {test_npz}\ndetect:\n  reference_models: ['{base.uri}']\n  differential: {{families: [mask]}}\nregistry:\n  alias: production\n",
+        f"data:\n  path: {test_npz}\ndetect:\n  reference_models: ['{base.uri}']\n  differential: {{families: [mask]}}\n"
+        f"registry:\n  alias: production\n{FAST_REMOVAL_YAML}",
         encoding="utf-8",
     )
     return Registered(name, policy)

@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from fast_policy import FAST_REMOVAL
 from mlflow import MlflowClient
 from mlflow_server import mlflow_server, running_mlflow_server  # noqa: F401
 
@@ -128,7 +129,7 @@ def test_unremovable_keeps_alias_and_tags_source(
     push_model(victim_dir, name, "candidate", uri)
     push_model(victim_dir, name, None, uri)  # version 2, currently in production
     registry.move_alias(name, "production", "2", tracking_uri=uri)
-    policy = _policy(base.uri, test_npz, accept={"ca_floor": 1.0, "asr_ceiling": 0.0})
+    policy = _policy(base.uri, test_npz, accept={"ca_floor": 1.0, "asr_ceiling": 0.0}, sanitize=FAST_REMOVAL)
     result = gate_uri(f"models:/{name}/1", test_npz, policy, tmp_path / "r", uri)
     assert result.verdict == "unremoved"
     assert int(result.exit_code) == 3
@@ -147,7 +148,7 @@ def test_server_killed_mid_run_registers_nothing(
     with running_mlflow_server(root) as server:
         base = push_model(base_dir, unique("base"), None, server.uri)
         push_model(victim_dir, name, "candidate", server.uri)
-        policy = _policy(base.uri, test_npz)
+        policy = _policy(base.uri, test_npz, sanitize=FAST_REMOVAL)
         killed = []
 
         def progress(stage: str, done: int, total: int) -> None:
