@@ -42,6 +42,7 @@ AGNOSTIC_METHODS = {
     "tbar-unlearn-agnostic-mask": "unlearn",
     "tbar-unlearn-agnostic-signal": "unlearn",
     "tbar-unlearn-agnostic-s7": "unlearn",
+    "tbar-unlearn-agnostic-refceil": "unlearn",
 }
 # the separable additive family scored at equal effect (the amplitude at which the optimised signal sends
 # 90% of held-out images to the class); rule fixed on the development zoo (bench/zoo-dev.yaml): smallest
@@ -102,6 +103,13 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     "tbar-unlearn-agnostic-s7": {
         "detect": {"differential": DEFAULT_DETECT},
         "sanitize": {"unlearn": REINVERT_RULE, **BEFORE_EXTEND},
+    },
+    # session 9, opt-in: the default gate whose verdict's ASR ceiling is raised to the clean reference
+    # model's rate under the same inverted trigger (accept.reference_rate_ceiling)
+    "tbar-unlearn-agnostic-refceil": {
+        "detect": {"differential": DEFAULT_DETECT},
+        "sanitize": {"unlearn": REINVERT_RULE, "alpha": {"extend_inverted": True}},
+        "accept": {"reference_rate_ceiling": True},
     },
 }
 KNOWN = tuple(KNOWN_METHODS)
@@ -396,6 +404,7 @@ class Runner:
                 rec.update(_removal_record(r, true.get("before") or r["before"], true.get("after") or r["after"]))
                 rec["asr_inverted_before"] = r["before"]["attack_success_rate"]
                 rec["asr_inverted_after"] = r["after"]["attack_success_rate"]
+                rec["asr_ceilings"] = r.get("asr_ceilings")  # the reference's rate under the inverted trigger
                 rec["verdict"] = r["verdict"]
             return rec
         if defence in SCANS:

@@ -36,12 +36,13 @@ from tbar_guard.differential import (
     transfer_ratio,
 )
 from tbar_guard.errors import DataError, UsageError
+from tbar_guard.evaluate import evaluate
 from tbar_guard.exit_codes import ExitCode
 from tbar_guard.pipeline import VERDICT_EXIT, RunResult, prepare
 from tbar_guard.policy import DetectPolicy, Policy
 from tbar_guard.reinvert import Hardened, harden
 from tbar_guard.report import base_report, removal_json, write_report
-from tbar_guard.sanitize import StageProgress, for_inverted_trigger, remove_backdoor
+from tbar_guard.sanitize import ReferenceCeilings, StageProgress, for_inverted_trigger, remove_backdoor
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,20 @@ def _decree(
     mean = clf.get_buffer("mean").flatten().tolist()
     std = clf.get_buffer("std").flatten().tolist()
     return detect.invert_trigger(clf.visual, shadow, mean, std, decree_config(policy), device=device, progress=progress)
+
+
+def reference_ceilings(
+    ref_clf: ZeroShotClassifier, source: str, splits: Splits, trigger: Trigger, target: int, policy: Policy
+) -> ReferenceCeilings:
+    """The clean reference model's ASR under the inverted ``trigger`` on the validation and test splits,
+    and the verdict's ceilings: raised to those rates when ``accept.reference_rate_ceiling`` is on."""
+    rates = []
+    for split in (splits.val, splits.test):
+        rate = evaluate(ref_clf, split, trigger, target, seed=policy.seed).attack_success_rate
+        assert rate is not None
+        rates.append(rate)
+    accept = policy.accept
+    return ReferenceCeilings.of(source, rates[0], rates[1], accept.asr_ceiling, accept.reference_rate_ceiling)
 
 
 def _check_references(references: list[ClipBundle], image_size: int, n_classes: int) -> None:
@@ -605,13 +620,13 @@ def gate(
     else:
         inverted = result.inverted_trigger()
         under = for_inverted_trigger(policy)
+        ref_clf = classifier_for(p.references[0], p.device) if p.references else None
         if (
             under.sanitize.method == "unlearn"
             and under.sanitize.unlearn.reinvert_rounds > 0
             and result.inversion is not None
             and result.family == "mask"
         ):
-            ref_clf = classifier_for(p.references[0], p.device) if p.references else None
             hardened = harden(
                 p.clf,
                 p.splits,
@@ -625,6 +640,11 @@ def gate(
                 blend_config(policy),
             )
             inverted = hardened.trigger
+        ceilings = None
+        if ref_clf is not None:
+            ceilings = reference_ceilings(
+                ref_clf, p.references[0].source, p.splits, inverted, result.target.target, policy
+            )
         removal = remove_backdoor(
             p.clf,
             p.splits,
@@ -635,6 +655,7 @@ def gate(
             audit,
             hardened.learned if hardened else None,
             inverted=True,
+            ceilings=ceilings,
         )
         verdict = "unremoved" if removal.verdict == "clean" else removal.verdict
         reason = f"{result.explanation}; removal: {removal.reason}"

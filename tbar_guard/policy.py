@@ -115,6 +115,7 @@ class AcceptPolicy(_Section):
     ca_floor: float = Field(0.95, gt=0, le=1)
     asr_ceiling: float = Field(0.05, ge=0, le=1)
     max_reemergence_asr: float | None = Field(None, ge=0, le=1)
+    reference_rate_ceiling: bool = False
 
 
 class DecreePolicy(_Section):
@@ -313,6 +314,10 @@ accept:
   ca_floor: 0.95         # keep clean accuracy >= ca_floor x the original model's
   asr_ceiling: 0.05      # the backdoor counts as removed when attack success rate <= this
   max_reemergence_asr: null  # when set: "unremoved" if the ASR after the clean fine-tune exceeds this
+  reference_rate_ceiling: false  # gate (inverted trigger) with a reference model: true = the ceiling is
+                         # max(asr_ceiling, the share the same trigger sends to the target on the clean
+                         # reference), on each split (a clean model's rate is not a backdoor); the alpha
+                         # choice is unchanged. The reference's rate is reported either way
 
 detect:                  # trigger inversion (scan, gate)
   # differential: per-class compact trigger search through the zero-shot head, penalised where it

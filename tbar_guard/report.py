@@ -64,6 +64,8 @@ def removal_json(removal: Removal) -> dict[str, Any]:
         }
     if removal.disentanglement is not None:
         out["disentanglement"] = removal.disentanglement.to_json()
+    # accept.reference_rate_ceiling (gate): the ceilings the verdict used, from the clean reference's rate
+    out["asr_ceilings"] = removal.ceilings.to_json() if removal.ceilings is not None else None
     return out
 
 
@@ -117,6 +119,18 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         lines += [
             f"- policy: CA floor {accept.get('ca_floor')} x original, ASR ceiling {accept.get('asr_ceiling')} "
             f"(sha256 `{report.get('policy_sha256', '')[:16]}`)"
+        ]
+    ceilings = report.get("asr_ceilings")
+    if ceilings:
+        how = (
+            "the verdict's ceilings are the larger of the policy's and that"
+            if ceilings["applied"]
+            else "accept.reference_rate_ceiling is off: the verdict used the policy's ceiling"
+        )
+        lines += [
+            f"- clean reference `{ceilings['reference']}` under the same trigger: {_pct(ceilings['val_rate'])} "
+            f"(validation) / {_pct(ceilings['test_rate'])} (test) to the target; {how} "
+            f"({_pct(ceilings['val_ceiling'])} / {_pct(ceilings['test_ceiling'])})"
         ]
     if "before" in report and "after" in report:
         before, after = report["before"], report["after"]

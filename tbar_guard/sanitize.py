@@ -118,6 +118,40 @@ class Removal:
     reemergence_pool: str = ""  # where the clean repair images came from
     disentanglement: Disentanglement | None = None  # ξ of τ against a clean vector (whenever τ was negated)
     method: str = ""  # the policy's sanitize.method that learned τ ("" when nothing was learned)
+    # gate with a reference model: its ASR under the same (inverted) trigger and the verdict's ceilings
+    # (raised to it under accept.reference_rate_ceiling); None without a reference
+    ceilings: ReferenceCeilings | None = None
+
+
+@dataclass(frozen=True)
+class ReferenceCeilings:
+    """The clean reference model's ASR under the removal's (inverted) trigger on the validation and
+    test splits, and the ceilings the verdict used there: max(accept.asr_ceiling, the reference's
+    rate) when ``applied`` (accept.reference_rate_ceiling), else accept.asr_ceiling (the rates are
+    then evidence only)."""
+
+    reference: str  # the reference model's source
+    val_rate: float
+    test_rate: float
+    val_ceiling: float
+    test_ceiling: float
+    applied: bool
+
+    @staticmethod
+    def of(reference: str, val_rate: float, test_rate: float, ceiling: float, applied: bool) -> ReferenceCeilings:
+        if not applied:
+            return ReferenceCeilings(reference, val_rate, test_rate, ceiling, ceiling, False)
+        return ReferenceCeilings(reference, val_rate, test_rate, max(ceiling, val_rate), max(ceiling, test_rate), True)
+
+    def to_json(self) -> dict[str, float | str | bool]:
+        return {
+            "reference": self.reference,
+            "val_rate": self.val_rate,
+            "test_rate": self.test_rate,
+            "val_ceiling": self.val_ceiling,
+            "test_ceiling": self.test_ceiling,
+            "applied": self.applied,
+        }
 
 
 @dataclass(frozen=True)
@@ -357,6 +391,7 @@ def remove_backdoor(
     audit: tuple[Trigger, int] | None = None,
     learned: LearnedVector | None = None,
     inverted: bool = False,
+    ceilings: ReferenceCeilings | None = None,
 ) -> Removal:
     """Run TBAR on ``clf`` (its image tower is restored to θ_b before returning).
 
@@ -364,7 +399,9 @@ def remove_backdoor(
     choose α or to decide the verdict, which rest on ``trigger``). ``learned``: τ already learned
     on this forget set (``build_forget_set`` with the same trigger, target, size and seed) by the
     policy's method — the re-inversion rounds of :mod:`tbar_guard.reinvert` — so it is not learned again.
-    ``inverted``: the trigger was inverted by a scan (gate), so ``sanitize.alpha.extend_inverted`` applies."""
+    ``inverted``: the trigger was inverted by a scan (gate), so ``sanitize.alpha.extend_inverted`` applies.
+    ``ceilings``: the verdict's ASR ceilings on validation and test (``accept.reference_rate_ceiling``)
+    with the reference's rates they come from; the α choice does not use them."""
     theta_b = visual_state(clf)
     seed = policy.seed
     audit_before = evaluate(clf, splits.test, audit[0], audit[1], seed=seed) if audit else None
@@ -424,18 +461,20 @@ def remove_backdoor(
 
     accept = policy.accept
     kept = after.clean_accuracy / max(before.clean_accuracy, 1e-12)
-    if not (choice.point.feasible and choice.point.attack_success_rate <= accept.asr_ceiling):
+    val_ceiling = ceilings.val_ceiling if ceilings else accept.asr_ceiling
+    test_ceiling = ceilings.test_ceiling if ceilings else accept.asr_ceiling
+    if not (choice.point.feasible and choice.point.attack_success_rate <= val_ceiling):
         verdict = "unremoved"
         reason = (
             f"no alpha in [{policy.sanitize.alpha.min:g}, {policy.sanitize.alpha.max:g}] keeps validation CA >= "
-            f"{accept.ca_floor} x {val_before.clean_accuracy:.3f} with ASR <= {accept.asr_ceiling}; "
+            f"{accept.ca_floor} x {val_before.clean_accuracy:.3f} with ASR <= {_ceiling_words(val_ceiling, ceilings, 'val')}; "
             f"best feasible alpha {choice.alpha:g} leaves ASR {choice.point.attack_success_rate:.3f}"
         )
-    elif after.attack_success_rate > accept.asr_ceiling:  # the security claim must hold on unseen data too
+    elif after.attack_success_rate > test_ceiling:  # the security claim must hold on unseen data too
         verdict = "unremoved"
         reason = (
             f"alpha {choice.alpha:g} met the policy on the validation split, but the test-split ASR "
-            f"{after.attack_success_rate:.3f} exceeds the ceiling {accept.asr_ceiling}"
+            f"{after.attack_success_rate:.3f} exceeds the ceiling {_ceiling_words(test_ceiling, ceilings, 'test')}"
         )
     else:
         verdict = "removed"
@@ -446,7 +485,7 @@ def remove_backdoor(
         )
         reason = (
             f"alpha {choice.alpha:g}{moved}: test ASR {before.attack_success_rate:.3f} -> {after.attack_success_rate:.3f} "
-            f"(ceiling {accept.asr_ceiling}); test CA kept {kept:.3f} (the CA floor {accept.ca_floor} was met "
+            f"(ceiling {_ceiling_words(test_ceiling, ceilings, 'test')}); test CA kept {kept:.3f} (the CA floor {accept.ca_floor} was met "
             f"on the validation split that chose alpha: {choice.point.clean_accuracy:.3f} vs "
             f"{val_before.clean_accuracy:.3f})"
         )
@@ -485,7 +524,19 @@ def remove_backdoor(
         reemergence_pool=pool_note,
         disentanglement=disentanglement,
         method=policy.sanitize.method,
+        ceilings=ceilings,
     )
+
+
+def _ceiling_words(ceiling: float, ceilings: ReferenceCeilings | None, split: str) -> str:
+    """The ceiling as a reason states it, with the clean reference's rate under the same trigger."""
+    if ceilings is None:
+        return f"{ceiling:g}"
+    rate = ceilings.val_rate if split == "val" else ceilings.test_rate
+    if ceilings.applied and ceiling <= rate:
+        return f"{ceiling:.3f}, the clean reference model's ASR under the same trigger on this split"
+    off = "" if ceilings.applied else "; accept.reference_rate_ceiling is off"
+    return f"{ceiling:g} (the clean reference model's ASR under the same trigger is {rate:.3f}{off})"
 
 
 def judge_reemergence(reason: str, back: Reemergence, limit: float | None) -> tuple[str, str]:

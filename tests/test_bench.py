@@ -179,6 +179,11 @@ def test_the_default_gate_defence_spells_out_the_product_default() -> None:
     assert spelled.detect.differential == Policy().detect.differential
     assert spelled.sanitize.unlearn == Policy().sanitize.unlearn
     assert spelled.sanitize.alpha == Policy().sanitize.alpha
+    assert spelled.accept == Policy().accept
+    # the opt-in verdict ceiling at the reference's rate: the default gate but for that one option
+    refceil = policy_from_dict(AGNOSTIC_EXTRA["tbar-unlearn-agnostic-refceil"])
+    assert refceil.accept.reference_rate_ceiling and not Policy().accept.reference_rate_ceiling
+    assert (refceil.detect, refceil.sanitize) == (spelled.detect, spelled.sanitize)
     older = policy_from_dict(AGNOSTIC_EXTRA["tbar-unlearn-agnostic-signal"])
     assert older.detect.differential != Policy().detect.differential  # session 6's rule: not the default
 

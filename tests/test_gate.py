@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fast_policy import FAST_REMOVAL_YAML
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -122,6 +123,14 @@ def test_gate_removes_backdoor_with_inverted_trigger(
     assert rounds["triggers"] == 1 + sum(r["added"] for r in rounds["rounds"]) + int(companion["added"])
     assert "## Re-inversion rounds" in md and "## Companion triggers" in md
     assert int(result.exit_code) == 1
+    # the base model's rate under the inverted trigger is evidence; the verdict raises its ceilings to it
+    # only under accept.reference_rate_ceiling (off by default)
+    ceilings = report["asr_ceilings"]
+    assert ceilings["reference"] == str(base_dir) and ceilings["applied"] is False, ceilings
+    for split in ("val", "test"):
+        assert 0 <= ceilings[f"{split}_rate"] <= 1
+        assert ceilings[f"{split}_ceiling"] == policy.accept.asr_ceiling
+    assert f"- clean reference `{base_dir}` under the same trigger:" in md
     assert report["after"]["attack_success_rate"] <= policy.accept.asr_ceiling
     true = report["true_trigger"]
     assert true["before"]["attack_success_rate"] > 0.9
@@ -154,8 +163,10 @@ def test_differential_without_reference_says_uncalibrated(victim_dir: Path, test
 
 
 def test_cli_scan_and_gate_exit_codes(victim_dir: Path, test_npz: Path, base_dir: Path, tmp_path: Path) -> None:
-    policy = tmp_path / "p.yaml"
-    policy.write_text(f"detect:\n  reference_models: ['{base_dir}']\n  differential: {{families: [mask]}}\n")
+    policy = tmp_path / "p.yaml"  # the removal's evidence is test_gate_removes_backdoor_with_inverted_trigger's
+    policy.write_text(
+        f"detect:\n  reference_models: ['{base_dir}']\n  differential: {{families: [mask]}}\n{FAST_REMOVAL_YAML}"
+    )
     res = runner.invoke(
         app,
         [

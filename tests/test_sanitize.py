@@ -16,14 +16,25 @@ import torch
 from tbar_guard import __version__
 from tbar_guard.attacks import BadNetSpec, Trigger, build_trigger, parse_trigger
 from tbar_guard.bundle import WEIGHTS_FILE, ClipBundle, load_bundle, sha256_file, sha256_state
-from tbar_guard.clip import classifier_for, resolve_device
+from tbar_guard.clip import classifier_for, resolve_device, visual_state
 from tbar_guard.data import ImageSet
 from tbar_guard.errors import UsageError
 from tbar_guard.evaluate import evaluate
 from tbar_guard.exit_codes import ExitCode
-from tbar_guard.pipeline import RunResult, sanitize
+from tbar_guard.pipeline import RunResult, prepare, sanitize
 from tbar_guard.policy import AcceptPolicy, AlphaPolicy, Policy, policy_from_dict
-from tbar_guard.sanitize import SweepPoint, _grid, choose_best, search_alpha
+from tbar_guard.report import removal_json
+from tbar_guard.sanitize import (
+    LearnedVector,
+    ReferenceCeilings,
+    Removal,
+    SweepPoint,
+    _grid,
+    choose_best,
+    remove_backdoor,
+    search_alpha,
+)
+from tbar_guard.task_vector import TaskVector
 
 # plain removal costs more than 5% CA on the tiny model; the evidence (re-emergence, ξ) made cheap
 EVIDENCE = {"reemergence": {"images": 200, "epochs": 2}, "disentanglement": {"images": 200}}
@@ -488,3 +499,54 @@ def test_asr_tolerance_never_crosses_the_ceiling() -> None:
     assert choose_best(points, "lowest-asr", 0.05, 0.01) == points[1]
     assert choose_best(points, "lowest-asr", 0.05, 0.0) == points[1]
     assert choose_best([SweepPoint(0.5, 0.8, 0.2, False)], "lowest-asr", 0.05, 0.01) is None
+
+
+# --- accept.reference_rate_ceiling: the verdict's ceiling at the clean reference's rate -------------
+
+
+def test_reference_ceilings_take_the_larger_of_policy_and_reference_only_when_applied() -> None:
+    on = ReferenceCeilings.of("ref", val_rate=0.126, test_rate=0.02, ceiling=0.05, applied=True)
+    assert (on.val_ceiling, on.test_ceiling) == (0.126, 0.05)
+    assert on.to_json() == {
+        "reference": "ref",
+        "val_rate": 0.126,
+        "test_rate": 0.02,
+        "val_ceiling": 0.126,
+        "test_ceiling": 0.05,
+        "applied": True,
+    }
+    off = ReferenceCeilings.of("ref", val_rate=0.126, test_rate=0.02, ceiling=0.05, applied=False)
+    assert (off.val_ceiling, off.test_ceiling, off.val_rate) == (0.05, 0.05, 0.126)
+
+
+def test_reference_ceilings_decide_the_verdict_not_alpha(
+    victim_dir: Path, test_npz: Path, badnet_trigger: Trigger
+) -> None:
+    """The same sweep (a zero trigger vector: the backdoor stays at every α) is unremoved under the
+    policy's ceiling, under a reference rate below the ASR left, and with the option off; it passes
+    only when applied and the reference model's own rate under the trigger is at least the ASR left.
+    α is the same in all four."""
+    policy = policy_from_dict({"sanitize": {"reemergence": {"enabled": False}, "disentanglement": {"enabled": False}}})
+    p = prepare(victim_dir, test_npz, policy, "cpu")
+    theta = {k: v.clone() for k, v in visual_state(p.clf).items()}
+    zero = LearnedVector(TaskVector.between(theta, theta), 0, 0.0)
+
+    def run(ceilings: ReferenceCeilings | None) -> Removal:
+        return remove_backdoor(
+            p.clf, p.splits, badnet_trigger, 0, policy, learned=zero, inverted=True, ceilings=ceilings
+        )
+
+    plain = run(None)
+    low = run(ReferenceCeilings.of("ref", 0.2, 0.2, 0.05, applied=True))
+    off = run(ReferenceCeilings.of("ref", 1.0, 1.0, 0.05, applied=False))
+    high = run(ReferenceCeilings.of("ref", 1.0, 1.0, 0.05, applied=True))
+    assert plain.after.attack_success_rate is not None and plain.after.attack_success_rate > 0.5
+    assert plain.verdict == low.verdict == off.verdict == "unremoved" and high.verdict == "removed", high.reason
+    assert plain.alpha == low.alpha == off.alpha == high.alpha
+    assert plain.ceilings is None and high.ceilings is not None and high.ceilings.val_ceiling == 1.0
+    assert "0.200, the clean reference model's ASR under the same trigger on this split" in low.reason
+    assert "is 1.000; accept.reference_rate_ceiling is off" in off.reason
+    assert "clean reference model" not in plain.reason
+    assert removal_json(high)["asr_ceilings"]["test_ceiling"] == 1.0 and removal_json(plain)["asr_ceilings"] is None
+    for name, value in theta.items():  # the classifier is θ_b again
+        assert torch.equal(visual_state(p.clf)[name], value), name
