@@ -163,14 +163,14 @@ class AdditiveFamilyPolicy(_Section):
 class DifferentialPolicy(_Section):
     families: tuple[DifferentialFamily, ...] = Field(("mask", "additive"), min_length=1)
     search_all: bool = False
-    steps: int = Field(150, ge=1)
+    steps: int = Field(100, ge=1)
     mask_cells: int = Field(7, ge=1)
     area_weight: float = Field(5.0, gt=0)
     reference_weight: float = Field(1.0, ge=0)
     z_threshold: float | None = Field(None, lt=0)
     area_ratio: float = Field(0.6, ge=0, lt=1)
     max_transfer: float | None = Field(0.25, gt=0, le=1)
-    targets_per_chunk: int = Field(10, ge=1)
+    targets_per_chunk: int = Field(11, ge=1)
     blend: BlendFamilyPolicy = BlendFamilyPolicy()
     additive: AdditiveFamilyPolicy = AdditiveFamilyPolicy()
 
@@ -187,7 +187,7 @@ class DetectPolicy(_Section):
     method: Literal["differential", "decree"] = "differential"
     reference_models: tuple[str, ...] = ()
     shadow_images: int = Field(256, ge=8)
-    batch_size: int = Field(32, ge=2)
+    batch_size: int = Field(8, ge=2)
     max_seconds: float | None = Field(None, gt=0)
     min_proxy_asr: float = Field(0.5, ge=0, le=1)
     min_lift: float = Field(0.3, ge=0, le=1)
@@ -326,7 +326,7 @@ detect:                  # trigger inversion (scan, gate)
   method: differential   # differential | decree
   reference_models: []   # clean references: bundle paths or models:/ URIs (base model, promoted version)
   shadow_images: 256     # clean images the inversion optimises over
-  batch_size: 32
+  batch_size: 8          # images per optimisation step (the benchmark's setting: see README "Time")
   max_seconds: null      # wall-clock budget for one inversion
   min_proxy_asr: 0.5     # an inverted trigger is actionable when it sends >= this share to one class
   min_lift: 0.3          # ... and that share exceeds the class's share on clean images by this much
@@ -341,7 +341,7 @@ detect:                  # trigger inversion (scan, gate)
     families: [mask, additive]  # one or more of: mask, blend, additive
     search_all: false    # false: stop at the first family that fired (the verdict and trigger are the same;
                          # the later families' evidence is not computed); true: search every family
-    steps: 150           # optimisation steps per chunk of classes (each family)
+    steps: 100           # optimisation steps per chunk of classes (each family)
     mask_cells: 7        # the mask is a 7x7 grid upsampled to the image (no scattered pixels)
     area_weight: 5.0     # weight of the mask area in the loss
     reference_weight: 1.0  # weight of KL(reference on clean || reference on stamped) (both families)
@@ -350,7 +350,7 @@ detect:                  # trigger inversion (scan, gate)
                          # the development zoo bench/zoo-dev.yaml (README "Detection")
     max_transfer: 0.25   # with a reference model: flag only a trigger specific to the candidate, i.e. the
                          # share it sends to the class on the reference / on the candidate <= this (null = off)
-    targets_per_chunk: 10  # classes optimised together (memory vs speed; both families)
+    targets_per_chunk: 11  # classes optimised together (memory vs speed; both families; 43 classes: 4 chunks)
     blend:               # options of the blend family (rule fixed on the MNIST development zoo)
       pattern_cells: 0       # the pattern is a grid of this side upsampled to the image (0 = full resolution)
       strength_weight: 5.0   # weight of the blend strength a in the loss

@@ -201,8 +201,10 @@ def test_cli_scan_and_gate_exit_codes(victim_dir: Path, test_npz: Path, base_dir
 
 
 def test_gate_errors_fail_closed(victim_dir: Path, tmp_path: Path, base_dir: Path) -> None:
-    policy = tmp_path / "p.yaml"
-    policy.write_text(f"detect:\n  reference_models: ['{base_dir}']\n  differential: {{families: [mask]}}\n")
+    policy = tmp_path / "p.yaml"  # batch 32: more than the small data set below leaves for the inversion
+    policy.write_text(
+        f"detect:\n  reference_models: ['{base_dir}']\n  batch_size: 32\n  differential: {{families: [mask]}}\n"
+    )
     # no data at all: usage error, nothing written
     res = runner.invoke(
         app, ["gate", "--model", str(victim_dir), "--policy", str(policy), "--out", str(tmp_path / "o")]

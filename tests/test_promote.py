@@ -50,7 +50,7 @@ def test_backdoored_version_is_sanitized_registered_and_promoted(
     name = unique("clip")
     base = push_model(base_dir, unique("base"), None, uri)
     push_model(victim_dir, name, "candidate", uri)
-    policy = _policy(base.uri, test_npz)
+    policy = _policy(base.uri, test_npz, sanitize=FAST_REMOVAL)  # the evidence is test_gate's
     result = gate_uri(f"models:/{name}@candidate", test_npz, policy, tmp_path / "r1", uri)
     assert result.verdict == "removed", result.report["reason"]
     reg = result.report["registered"]
