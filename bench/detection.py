@@ -32,6 +32,10 @@ from tbar_guard.gate import gate, scan
 from tbar_guard.policy import policy_from_dict
 from tbar_guard.zoo import finetune_victim, train_foundation
 
+# The inversion settings this development zoo's committed results (bench/results/blend-dev.md) were made
+# with: the product defaults until session 9 (since then 8 / 100 / 11, the GTSRB/CIFAR-10 zoos' settings).
+MNIST_DEV_DETECT: dict[str, object] = {"batch_size": 32}
+MNIST_DEV_STEPS: dict[str, object] = {"steps": 150, "targets_per_chunk": 10}
 ATTACKS = ("badnet", "blended", "wanet", "sig")
 
 
@@ -76,9 +80,9 @@ def main() -> None:
         for label, path, attack in models:
             row: dict[str, object] = {"seed": seed, "model": label}
             for method in ("differential", "decree"):
-                detect: dict[str, object] = {"method": method, "reference_models": [str(base)]}
+                detect: dict[str, object] = {"method": method, "reference_models": [str(base)], **MNIST_DEV_DETECT}
                 if method == "differential":
-                    detect["differential"] = {"families": list(args.families), "search_all": True}
+                    detect["differential"] = {"families": list(args.families), "search_all": True, **MNIST_DEV_STEPS}
                 policy = policy_from_dict({"seed": seed, "detect": detect})
                 t0 = time.perf_counter()
                 result = scan(path, data, policy, path.parent / f"{path.name}-scan-{method}")
@@ -114,7 +118,11 @@ def main() -> None:
                 policy = policy_from_dict(
                     {
                         "seed": seed,
-                        "detect": {"reference_models": [str(base)], "differential": {"families": list(args.families)}},
+                        "detect": {
+                            "reference_models": [str(base)],
+                            **MNIST_DEV_DETECT,
+                            "differential": {"families": list(args.families), **MNIST_DEV_STEPS},
+                        },
                         "trigger": spec_to_dict(spec),
                         "target": "0",
                     }
