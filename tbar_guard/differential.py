@@ -46,8 +46,8 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class DifferentialConfig:
-    steps: int = 150  # optimisation steps per chunk of targets
-    batch_size: int = 32  # clean images per step (each stamped with every target's trigger)
+    steps: int = 100  # optimisation steps per chunk of targets (the policy's defaults)
+    batch_size: int = 8  # clean images per step (each stamped with every target's trigger)
     lr: float = 0.1
     mask_cells: int = 7  # the mask is a mask_cells × mask_cells grid upsampled to the image
     area_weight: float = 5.0  # weight of the mask area (fraction of the image) in the loss
@@ -55,7 +55,7 @@ class DifferentialConfig:
     z_threshold: float | None = None  # flag when the smallest mask's robust z-score is below this (None: off)
     area_ratio: float = 0.6  # flag when the smallest mask is below this fraction of the median (0: off)
     max_transfer: float | None = None  # with a reference: flag only when ref ASR / candidate ASR <= this
-    targets_per_chunk: int = 10
+    targets_per_chunk: int = 11
     seed: int = 0
     max_seconds: float | None = None
 
@@ -266,8 +266,8 @@ class BlendConfig:
     p_k = sigmoid(raw pattern) lives on a ``pattern_cells`` × ``pattern_cells`` grid, bilinearly
     upsampled to the image (0: full resolution)."""
 
-    steps: int = 150
-    batch_size: int = 32
+    steps: int = 100
+    batch_size: int = 8
     lr: float = 0.1
     pattern_cells: int = 0
     strength_weight: float = 5.0  # weight of a_k in the loss
@@ -275,7 +275,7 @@ class BlendConfig:
     z_threshold: float | None = None  # flag when the smallest a_k has a robust z-score below this (None: off)
     ratio: float = 0.7  # flag when the smallest a_k is below this fraction of the median (0: off)
     max_transfer: float | None = None  # with a reference: flag only when ref ASR / candidate ASR <= this
-    targets_per_chunk: int = 10
+    targets_per_chunk: int = 11
     seed: int = 0
     max_seconds: float | None = None
 
@@ -455,8 +455,8 @@ class AdditiveConfig:
     either orientation, the shape of signal triggers such as SIG's sinusoid, while most of the
     pixel-level freedom a universal adversarial perturbation needs is gone."""
 
-    steps: int = 150
-    batch_size: int = 32
+    steps: int = 100
+    batch_size: int = 8
     lr: float = 0.1
     pattern_cells: int = 0
     shape: Literal["full", "separable"] = "separable"
@@ -467,7 +467,7 @@ class AdditiveConfig:
     z_threshold: float | None = None
     ratio: float = 0.45
     max_transfer: float | None = None
-    targets_per_chunk: int = 10
+    targets_per_chunk: int = 11
     seed: int = 0
     max_seconds: float | None = None
 
