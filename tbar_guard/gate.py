@@ -307,7 +307,10 @@ def run_scan(
     device: torch.device,
     references: list[ClipBundle],
     progress: StageProgress | None = None,
+    ref_clf: ZeroShotClassifier | None = None,
 ) -> Scan:
+    """``ref_clf``: the classifier of ``references[0]`` when the caller has built it already (the
+    differential method builds it otherwise)."""
     t0 = time.perf_counter()
     d = policy.detect
     shadow = _shadow(splits, d)
@@ -318,7 +321,8 @@ def run_scan(
     searched: tuple[str, ...] = ("mask",)
     deciding: DifferentialResult | None = None
     if d.method == "differential":
-        ref_clf = classifier_for(references[0], device) if references else None
+        if ref_clf is None and references:
+            ref_clf = classifier_for(references[0], device)
         result, by_family = run_differential(clf, shadow, splits.val.pixels(), n_classes, policy, ref_clf, progress)
         family, searched, deciding = result.family, tuple(by_family), result
         mask, pattern, pl1 = result.mask, result.pattern, result.area
@@ -608,7 +612,10 @@ def gate(
         if policy.target is None:
             raise UsageError("policy.trigger is set but policy.target is not", hint="name the true target class")
         audit = (build_trigger(policy.trigger, p.bundle.preprocess.image_size), p.bundle.task.index_of(policy.target))
-    result = run_scan(p.clf, p.splits, policy, p.device, p.references, progress)
+    # the clean reference's classifier, built once: the scan's transfer check, the re-inversion rounds and
+    # the verdict's reference rates all use it
+    ref_clf = classifier_for(p.references[0], p.device) if p.references else None
+    result = run_scan(p.clf, p.splits, policy, p.device, p.references, progress, ref_clf)
     removal = None
     hardened: Hardened | None = None
     if not result.flagged:
@@ -620,7 +627,6 @@ def gate(
     else:
         inverted = result.inverted_trigger()
         under = for_inverted_trigger(policy)
-        ref_clf = classifier_for(p.references[0], p.device) if p.references else None
         if (
             under.sanitize.method == "unlearn"
             and under.sanitize.unlearn.reinvert_rounds > 0

@@ -461,20 +461,20 @@ def remove_backdoor(
 
     accept = policy.accept
     kept = after.clean_accuracy / max(before.clean_accuracy, 1e-12)
-    val_ceiling = ceilings.val_ceiling if ceilings else accept.asr_ceiling
-    test_ceiling = ceilings.test_ceiling if ceilings else accept.asr_ceiling
+    val_ceiling, val_words = _verdict_ceiling(accept.asr_ceiling, ceilings, "val")
+    test_ceiling, test_words = _verdict_ceiling(accept.asr_ceiling, ceilings, "test")
     if not (choice.point.feasible and choice.point.attack_success_rate <= val_ceiling):
         verdict = "unremoved"
         reason = (
             f"no alpha in [{policy.sanitize.alpha.min:g}, {policy.sanitize.alpha.max:g}] keeps validation CA >= "
-            f"{accept.ca_floor} x {val_before.clean_accuracy:.3f} with ASR <= {_ceiling_words(val_ceiling, ceilings, 'val')}; "
+            f"{accept.ca_floor} x {val_before.clean_accuracy:.3f} with ASR <= {val_words}; "
             f"best feasible alpha {choice.alpha:g} leaves ASR {choice.point.attack_success_rate:.3f}"
         )
     elif after.attack_success_rate > test_ceiling:  # the security claim must hold on unseen data too
         verdict = "unremoved"
         reason = (
             f"alpha {choice.alpha:g} met the policy on the validation split, but the test-split ASR "
-            f"{after.attack_success_rate:.3f} exceeds the ceiling {_ceiling_words(test_ceiling, ceilings, 'test')}"
+            f"{after.attack_success_rate:.3f} exceeds the ceiling {test_words}"
         )
     else:
         verdict = "removed"
@@ -485,7 +485,7 @@ def remove_backdoor(
         )
         reason = (
             f"alpha {choice.alpha:g}{moved}: test ASR {before.attack_success_rate:.3f} -> {after.attack_success_rate:.3f} "
-            f"(ceiling {_ceiling_words(test_ceiling, ceilings, 'test')}); test CA kept {kept:.3f} (the CA floor {accept.ca_floor} was met "
+            f"(ceiling {test_words}); test CA kept {kept:.3f} (the CA floor {accept.ca_floor} was met "
             f"on the validation split that chose alpha: {choice.point.clean_accuracy:.3f} vs "
             f"{val_before.clean_accuracy:.3f})"
         )
@@ -528,15 +528,18 @@ def remove_backdoor(
     )
 
 
-def _ceiling_words(ceiling: float, ceilings: ReferenceCeilings | None, split: str) -> str:
-    """The ceiling as a reason states it, with the clean reference's rate under the same trigger."""
+def _verdict_ceiling(policy_ceiling: float, ceilings: ReferenceCeilings | None, split: str) -> tuple[float, str]:
+    """The ASR ceiling the verdict uses on ``split`` ("val" | "test") and how a reason states it, with
+    the clean reference's rate under the same trigger when there is a reference."""
     if ceilings is None:
-        return f"{ceiling:g}"
-    rate = ceilings.val_rate if split == "val" else ceilings.test_rate
+        return policy_ceiling, f"{policy_ceiling:g}"
+    rate, ceiling = (
+        (ceilings.val_rate, ceilings.val_ceiling) if split == "val" else (ceilings.test_rate, ceilings.test_ceiling)
+    )
     if ceilings.applied and ceiling <= rate:
-        return f"{ceiling:.3f}, the clean reference model's ASR under the same trigger on this split"
+        return ceiling, f"{ceiling:.3f}, the clean reference model's ASR under the same trigger on this split"
     off = "" if ceilings.applied else "; accept.reference_rate_ceiling is off"
-    return f"{ceiling:g} (the clean reference model's ASR under the same trigger is {rate:.3f}{off})"
+    return ceiling, f"{ceiling:g} (the clean reference model's ASR under the same trigger is {rate:.3f}{off})"
 
 
 def judge_reemergence(reason: str, back: Reemergence, limit: float | None) -> tuple[str, str]:
