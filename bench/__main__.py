@@ -29,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--limit", type=int, default=None, help="run only the first N victims")
     run.add_argument("--defences", nargs="+", default=None, help="a subset of the zoo's defences")
     run.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes for the defences (the zoo is built first, in this process); each worker "
+        "uses --threads torch threads (default: cores / jobs)",
+    )
+    run.add_argument(
         "--from-cache",
         action="store_true",
         help="train and run nothing: write the tables from the cached records, listing what is missing",
@@ -39,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import datasets, results, runner
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(args.threads or cores)
+    if args.command == "run" and args.jobs < 1:
+        print(f"error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
     zoo = args.zoo or HERE / ("zoo-quick.yaml" if args.quick else "zoo.yaml")
     shared = args.shared or datasets.DEFAULT_SHARED
     if not shared.is_dir():
@@ -77,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         args.limit,
         tuple(args.defences) if args.defences else None,
         args.from_cache,
+        args.jobs,
+        args.threads or max(1, cores // args.jobs),
     )
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     res["command"] = command

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import zipfile
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def load(name: str, split: str, shared: Path = DEFAULT_SHARED, cache: Path | Non
     x, y = x[order], y[order]
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp.npz")
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")  # per process: parallel bench workers
         np.savez(tmp, x=x, y=y)
         tmp.replace(cached)
     return _to_set(x, y)
@@ -133,7 +134,7 @@ def load(name: str, split: str, shared: Path = DEFAULT_SHARED, cache: Path | Non
 def save_npz(images: ImageSet, path: Path) -> Path:
     """The product's .npz data format (x uint8 N×H×W×3, y class indices)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # per process: parallel bench workers
     np.savez(tmp, x=images.images.permute(0, 2, 3, 1).numpy(), y=images.labels.numpy())
     tmp.replace(path)
     return path

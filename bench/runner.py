@@ -677,7 +677,107 @@ def load_and_run(
     limit: int | None = None,
     defences_: tuple[str, ...] | None = None,
     from_cache: bool = False,
+    jobs: int = 1,
+    worker_threads: int = 1,
 ) -> dict[str, Any]:
     spec = load_zoo(zoo_path)
+    if jobs > 1 and not from_cache:
+        return run_parallel(zoo_path, out, cache, shared, log, only, limit, defences_, jobs, worker_threads)
     runner = Runner(spec, out, cache, shared, log, defences_)
     return runner.run(only, limit, from_cache)
+
+
+# --- parallel runs ------------------------------------------------------------------------------
+# ``--jobs N``: this process builds the zoo (the same models a one-process run builds: same code, same
+# thread count) and prepares what victims share (decoded data, the tasks' base models and .npz files,
+# the base DECREE PL1, the clean-control rates); then N worker processes, each with its own torch
+# thread count, take one victim at a time (all its defences) from a queue and cache its records; the
+# tables are written from the cache. A record is the one a one-process run with the workers' thread
+# count computes; the work is shared by victim, so a slow gate never holds up the others.
+
+
+@dataclass(frozen=True)
+class _Job:
+    zoo: Path
+    out: Path
+    cache: Path
+    shared: Path
+    defences: tuple[str, ...] | None
+    victim: str
+    commit: str
+
+
+_WORKER: dict[str, Runner] = {}  # one Runner per worker process, reused across its victims
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _defend_one(job: _Job) -> tuple[str, float]:
+    """Every defence of one victim, in a worker process (its progress printed as it goes)."""
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{job.victim} {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+
+    key = f"{job.zoo}|{job.cache}|{job.defences}"
+    runner = _WORKER.get(key)
+    if runner is None:
+        runner = _WORKER[key] = Runner(load_zoo(job.zoo), job.out, job.cache, job.shared, log, job.defences)
+    runner.log, runner.commit = log, job.commit
+    v = next(x for x in runner.spec.victims if x.name == job.victim)
+    runner.run_victim(v)
+    return job.victim, time.perf_counter() - t0
+
+
+def run_parallel(
+    zoo_path: Path,
+    out: Path,
+    cache: Path,
+    shared: Path,
+    log: Log,
+    only: tuple[str, ...] | None,
+    limit: int | None,
+    defences_: tuple[str, ...] | None,
+    jobs: int,
+    worker_threads: int,
+) -> dict[str, Any]:
+    """The run of :meth:`Runner.run` shared among ``jobs`` worker processes (see above)."""
+    import multiprocessing
+
+    t0 = time.perf_counter()
+    spec = load_zoo(zoo_path)
+    prep = Runner(spec, out, cache, shared, log, defences_)
+    host = machine()
+    prep.commit = host["commit"]
+    prep.zoo.foundation()
+    victims = [v for v in spec.victims if only is None or any(o in v.name for o in only)]
+    if limit is not None:
+        victims = victims[:limit]
+    for v in victims:  # built here, one after another: the models of a one-process run
+        _, meta = prep.zoo.victim(v)
+        asr = meta["attack_success_rate"]
+        log(f"{v.name}: built, CA {100 * meta['clean_accuracy']:.1f}%" + (f", ASR {100 * asr:.1f}%" if asr else ""))
+    for name in sorted({v.task for v in victims}):
+        ctx = prep.task(name)
+        if "decree" in prep.defences:
+            prep.base_pl1(ctx)
+    for v in victims:
+        if v.attack is not None:
+            prep.clean_control_asr(v)
+    build_seconds = time.perf_counter() - t0
+    log(f"zoo ready in {build_seconds:.0f} s; {len(victims)} victims on {jobs} workers x {worker_threads} thread(s)")
+    work = [_Job(zoo_path, out, cache, shared, defences_, v.name, host["commit"]) for v in victims]
+    ctx_mp = multiprocessing.get_context("spawn")
+    with ctx_mp.Pool(jobs, initializer=_worker_init, initargs=(worker_threads,)) as pool:
+        for name, seconds in pool.imap_unordered(_defend_one, work):
+            log(f"{name}: every defence done in {seconds:.0f} s")
+    res = Runner(spec, out, cache, shared, log, defences_).run(only, limit, from_cache=True)
+    res.update(
+        machine=host,
+        from_cache=False,
+        wall_seconds=time.perf_counter() - t0,
+        parallel={"jobs": jobs, "worker_threads": worker_threads, "build_seconds": build_seconds},
+    )
+    return res

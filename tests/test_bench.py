@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,43 @@ def test_a_second_run_resumes_from_the_cache(tiny_run: tuple[Path, Path, dict], 
         (r["victim"], r["defence"], r.get("asr_after")) for r in res["records"]
     ]
     assert again["wall_seconds"] < res["wall_seconds"]
+
+
+def _untimed(obj: object) -> object:
+    """A record without its wall-clock fields (the only part that may differ between two runs)."""
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if not k.endswith("seconds") and k != "commit"}
+    if isinstance(obj, list):
+        return [_untimed(v) for v in obj]
+    return obj
+
+
+@needs_data
+def test_parallel_jobs_compute_the_records_of_a_one_process_run(
+    tiny_run: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    _out, cache, _res = tiny_run
+    runs = {}
+    for jobs in ("1", "2"):
+        c = tmp_path / f"cache-{jobs}"  # the zoo's models and data, no records
+        shutil.copytree(cache / "models", c / "models")
+        shutil.copytree(cache / "data", c / "data")
+        out = tmp_path / f"out-{jobs}"
+        args = ["run", "--zoo", str(TINY), "--out", str(out), "--cache", str(c), "--threads", "1", "--jobs", jobs]
+        assert bench_main([*args, "--defences", "tbar-unlearn-known", "tbar-agnostic", "decree"]) == 0
+        runs[jobs] = json.loads((out / "results.json").read_text())
+        assert len(list((c / "records").glob("mnist-*-*.json"))) == 5  # 2 victims: 3 + 2 (control) records
+    one, two = runs["1"], runs["2"]
+    assert two["parallel"]["jobs"] == 2 and two["parallel"]["worker_threads"] == 1 and "parallel" not in one
+    assert [(r["victim"], r["defence"]) for r in two["records"]] == [
+        (r["victim"], r["defence"]) for r in one["records"]
+    ]
+    assert _untimed(two["records"]) == _untimed(one["records"])  # bit-identical numbers, same thread count
+    assert not two["from_cache"] and not two["missing"]
+
+
+def test_jobs_must_be_positive(tmp_path: Path) -> None:
+    assert bench_main(["run", "--zoo", str(TINY), "--out", str(tmp_path), "--jobs", "0"]) == 2
 
 
 def test_zoo_file_errors_name_the_bad_entry(tmp_path: Path) -> None:
