@@ -103,6 +103,17 @@ def true_curve_table(recs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _parallel_words(parallel: dict[str, Any] | None) -> str:
+    """How a ``--jobs`` run shared the work (empty for a one-process run)."""
+    if not parallel:
+        return ""
+    return (
+        f"with `--jobs {parallel['jobs']}`: the zoo built and prepared in {parallel['build_seconds'] / 60:.1f} min by "
+        f"the main process, the defences by {parallel['jobs']} worker processes with "
+        f"{parallel['worker_threads']} torch thread(s) each "
+    )
+
+
 def write_markdown(results: dict[str, Any], out: Path, command: str) -> Path:
     recs: list[dict[str, Any]] = results["records"]
     victims: list[dict[str, Any]] = results["victims"]
@@ -116,7 +127,8 @@ def write_markdown(results: dict[str, Any], out: Path, command: str) -> Path:
         f"Commit `{m['commit']}`{' (with uncommitted changes)' if m['dirty'] else ''}; {m['platform']}, "
         f"{m['cpu_count']} CPU cores, torch {m['torch']} ({m['torch_threads']} threads), open_clip {m['open_clip']}, "
         f"CUDA {'yes' if m['cuda'] else 'no'}. Total wall time {results['wall_seconds'] / 60:.1f} min "
-        "(cached models and records are reused; see the per-record seconds).",
+        + _parallel_words(results.get("parallel"))
+        + "(cached models and records are reused; see the per-record seconds).",
         "",
         "Foundation: "
         + ", ".join(f"{t} zero-shot CA {pct(ca)}% (defender test split)" for t, ca in f.get("zero_shot_ca", {}).items())

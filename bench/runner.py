@@ -688,12 +688,12 @@ def load_and_run(
 
 
 # --- parallel runs ------------------------------------------------------------------------------
-# ``--jobs N``: this process builds the zoo (the same models a one-process run builds: same code, same
-# thread count) and prepares what victims share (decoded data, the tasks' base models and .npz files,
-# the base DECREE PL1, the clean-control rates); then N worker processes, each with its own torch
-# thread count, take one victim at a time (all its defences) from a queue and cache its records; the
-# tables are written from the cache. A record is the one a one-process run with the workers' thread
-# count computes; the work is shared by victim, so a slow gate never holds up the others.
+# ``--jobs N``: this process trains the foundation and prepares what the victims share (decoded data,
+# the tasks' base models); N worker processes, each with its own torch thread count, then build the
+# victims, one at a time from a queue; this process prepares the defences' shared pieces (task .npz
+# files, the base DECREE PL1, the clean-control rates); the workers take one victim at a time again,
+# with all its defences, and cache its records; the tables are written from the cache. Every model and
+# record is the one a one-process run with the workers' thread count computes.
 
 
 @dataclass(frozen=True)
@@ -714,18 +714,37 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _defend_one(job: _Job) -> tuple[str, float]:
-    """Every defence of one victim, in a worker process (its progress printed as it goes)."""
-    t0 = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{job.victim} {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
-
+def _worker_runner(job: _Job) -> Runner:
     key = f"{job.zoo}|{job.cache}|{job.defences}"
     runner = _WORKER.get(key)
     if runner is None:
-        runner = _WORKER[key] = Runner(load_zoo(job.zoo), job.out, job.cache, job.shared, log, job.defences)
-    runner.log, runner.commit = log, job.commit
+        runner = _WORKER[key] = Runner(load_zoo(job.zoo), job.out, job.cache, job.shared, print, job.defences)
+    return runner
+
+
+def _job_log(job: _Job, t0: float) -> Log:
+    def log(msg: str) -> None:
+        print(f"[{job.victim} {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+
+    return log
+
+
+def _build_one(job: _Job) -> tuple[str, float, dict[str, Any]]:
+    """Build (or read) one victim, in a worker process; returns (victim, seconds, its build record)."""
+    t0 = time.perf_counter()
+    runner = _worker_runner(job)
+    runner.zoo.log = _job_log(job, t0)
+    v = next(x for x in runner.spec.victims if x.name == job.victim)
+    _, meta = runner.zoo.victim(v)
+    return job.victim, time.perf_counter() - t0, meta
+
+
+def _defend_one(job: _Job) -> tuple[str, float]:
+    """Every defence of one victim, in a worker process (its progress printed as it goes)."""
+    t0 = time.perf_counter()
+    runner = _worker_runner(job)
+    runner.log = runner.zoo.log = _job_log(job, t0)
+    runner.commit = job.commit
     v = next(x for x in runner.spec.victims if x.name == job.victim)
     runner.run_victim(v)
     return job.victim, time.perf_counter() - t0
@@ -755,22 +774,30 @@ def run_parallel(
     victims = [v for v in spec.victims if only is None or any(o in v.name for o in only)]
     if limit is not None:
         victims = victims[:limit]
-    for v in victims:  # built here, one after another: the models of a one-process run
-        _, meta = prep.zoo.victim(v)
-        asr = meta["attack_success_rate"]
-        log(f"{v.name}: built, CA {100 * meta['clean_accuracy']:.1f}%" + (f", ASR {100 * asr:.1f}%" if asr else ""))
-    for name in sorted({v.task for v in victims}):
-        ctx = prep.task(name)
-        if "decree" in prep.defences:
-            prep.base_pl1(ctx)
-    for v in victims:
-        if v.attack is not None:
-            prep.clean_control_asr(v)
-    build_seconds = time.perf_counter() - t0
-    log(f"zoo ready in {build_seconds:.0f} s; {len(victims)} victims on {jobs} workers x {worker_threads} thread(s)")
+    names = sorted({v.task for v in victims})
+    for name in names:  # shared by the victims: built once, here, before the workers read them
+        prep.zoo.base_for(name)
+        t = spec.tasks[name]
+        for s in (t.victim_train, t.defender, t.extra_clean):
+            prep.zoo.images(s)
     work = [_Job(zoo_path, out, cache, shared, defences_, v.name, host["commit"]) for v in victims]
     ctx_mp = multiprocessing.get_context("spawn")
     with ctx_mp.Pool(jobs, initializer=_worker_init, initargs=(worker_threads,)) as pool:
+        for name, seconds, meta in pool.imap_unordered(_build_one, work):
+            asr = meta["attack_success_rate"]
+            log(
+                f"{name}: victim ready in {seconds:.0f} s, CA {100 * meta['clean_accuracy']:.1f}%"
+                + (f", ASR {100 * asr:.1f}%" if asr is not None else "")
+            )
+        for name in names:
+            ctx = prep.task(name)
+            if "decree" in prep.defences:
+                prep.base_pl1(ctx)
+        for v in victims:
+            if v.attack is not None:
+                prep.clean_control_asr(v)
+        build_seconds = time.perf_counter() - t0
+        log(f"zoo ready in {build_seconds:.0f} s; defending {len(victims)} victims on {jobs} workers")
         for name, seconds in pool.imap_unordered(_defend_one, work):
             log(f"{name}: every defence done in {seconds:.0f} s")
     res = Runner(spec, out, cache, shared, log, defences_).run(only, limit, from_cache=True)

@@ -104,8 +104,8 @@ def test_parallel_jobs_compute_the_records_of_a_one_process_run(
     _out, cache, _res = tiny_run
     runs = {}
     for jobs in ("1", "2"):
-        c = tmp_path / f"cache-{jobs}"  # the zoo's models and data, no records
-        shutil.copytree(cache / "models", c / "models")
+        c = tmp_path / f"cache-{jobs}"  # the foundation and decoded data: victims and records are built
+        shutil.copytree(cache / "models", c / "models", ignore=shutil.ignore_patterns("victim-*", "base-*"))
         shutil.copytree(cache / "data", c / "data")
         out = tmp_path / f"out-{jobs}"
         args = ["run", "--zoo", str(TINY), "--out", str(out), "--cache", str(c), "--threads", "1", "--jobs", jobs]
@@ -118,7 +118,10 @@ def test_parallel_jobs_compute_the_records_of_a_one_process_run(
         (r["victim"], r["defence"]) for r in one["records"]
     ]
     assert _untimed(two["records"]) == _untimed(one["records"])  # bit-identical numbers, same thread count
+    assert [v["sha256"] for v in two["victims"]] == [v["sha256"] for v in one["victims"]]  # same victims built
     assert not two["from_cache"] and not two["missing"]
+    assert "with `--jobs 2`" in (tmp_path / "out-2" / "RESULTS.md").read_text()
+    assert "with `--jobs" not in (tmp_path / "out-1" / "RESULTS.md").read_text()
 
 
 def test_jobs_must_be_positive(tmp_path: Path) -> None:
