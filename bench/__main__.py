@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs",
         type=int,
         default=1,
-        help="worker processes for the defences (the zoo is built first, in this process); each worker "
-        "uses --threads torch threads (default: cores / jobs)",
+        help="worker processes that build and defend the victims (this process trains the foundation "
+        "and decodes the data first); each worker uses --threads torch threads (default: cores / jobs)",
     )
     run.add_argument(
         "--from-cache",

@@ -18,13 +18,20 @@ DEFENCE_LABELS = {
     "tbar-unlearn-agnostic": "TBAR agnostic (gate: inversion -> unlearn vector, the default)",
     "tbar-unlearn-agnostic-mask": "TBAR agnostic, mask trigger + re-inversion rounds only (no companion blend)",
     "tbar-unlearn-agnostic-signal": "TBAR agnostic, session 6: mask family (z < -2.5 or < 0.5 x) then the separable additive family",
+    "tbar-unlearn-agnostic-blend099": "TBAR agnostic, the default gate with the companion blend joining below 0.99 x the median (default 0.7 x)",
     "clean-ft-1x": "clean fine-tune, N = forget size",
     "clean-ft-10x": "clean fine-tune, N = 10x forget size",
     "grad-ascent": "gradient ascent on the forget set",
     "cleanclip": "CleanCLIP-style (cross-modal + in-modal, augmented)",
 }
 KNOWN_TBAR = ("tbar-known", "tbar-plain-known", "tbar-unlearn-known")
-AGNOSTIC_TBAR = ("tbar-agnostic", "tbar-unlearn-agnostic", "tbar-unlearn-agnostic-mask", "tbar-unlearn-agnostic-signal")
+AGNOSTIC_TBAR = (
+    "tbar-agnostic",
+    "tbar-unlearn-agnostic",
+    "tbar-unlearn-agnostic-mask",
+    "tbar-unlearn-agnostic-signal",
+    "tbar-unlearn-agnostic-blend099",
+)
 TBAR = KNOWN_TBAR + AGNOSTIC_TBAR
 REMOVALS = (
     *KNOWN_TBAR,

@@ -43,6 +43,7 @@ AGNOSTIC_METHODS = {
     "tbar-unlearn-agnostic-signal": "unlearn",
     "tbar-unlearn-agnostic-s7": "unlearn",
     "tbar-unlearn-agnostic-refceil": "unlearn",
+    "tbar-unlearn-agnostic-blend099": "unlearn",
 }
 # the separable additive family scored at equal effect (the amplitude at which the optimised signal sends
 # 90% of held-out images to the class); rule fixed on the development zoo (bench/zoo-dev.yaml): smallest
@@ -110,6 +111,13 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
         "detect": {"differential": DEFAULT_DETECT},
         "sanitize": {"unlearn": REINVERT_RULE, "alpha": {"extend_inverted": True}},
         "accept": {"reference_rate_ceiling": True},
+    },
+    # session 11, measurement: the default gate whose companion blend joins whenever it is cheaper than
+    # 0.99 x the sampled classes' median strength (default 0.7 x; the scan is the default's, since
+    # detect.differential.blend is read only by the companion when the blend family is not searched)
+    "tbar-unlearn-agnostic-blend099": {
+        "detect": {"differential": {**DEFAULT_DETECT, "blend": {"ratio": 0.99}}},
+        "sanitize": {"unlearn": REINVERT_RULE, "alpha": {"extend_inverted": True}},
     },
 }
 KNOWN = tuple(KNOWN_METHODS)
