@@ -512,7 +512,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         colours = dict(
             zip(
                 TBAR,
-                ["tab:green", "tab:blue", "tab:red", "tab:olive", "tab:purple", "tab:cyan", "tab:brown"],
+                ["tab:green", "tab:blue", "tab:red", "tab:olive", "tab:purple", "tab:cyan", "tab:brown", "tab:pink"],
                 strict=True,
             )
         )
