@@ -509,13 +509,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     sweeps = [r for r in results["records"] if r["defence"] in TBAR and r.get("alpha_sweep") and r["attack"]]
     if sweeps:
         keys = sorted({(r["task"], r["attack"]) for r in sweeps})
-        colours = dict(
-            zip(
-                TBAR,
-                ["tab:green", "tab:blue", "tab:red", "tab:olive", "tab:purple", "tab:cyan", "tab:brown", "tab:pink"],
-                strict=True,
-            )
-        )
+        colours = {d: f"C{i % 10}" for i, d in enumerate(TBAR)}  # matplotlib's colour cycle, one per method
         fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), dpi=100, squeeze=False)
         for ax, (task, attack) in zip(axes[0], keys, strict=True):
             labelled: set[str] = set()

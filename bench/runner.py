@@ -66,6 +66,8 @@ SESSION5_MASK_RULE: dict[str, Any] = {"z_threshold": -2.5, "area_ratio": 0.5, "m
 REINVERT_RULE: dict[str, Any] = {"reinvert_z_threshold": -2.5, "reinvert_area_ratio": 0.5}
 # Gates built before session 8 chose α without extending it along the inverted trigger's plateau.
 BEFORE_EXTEND: dict[str, Any] = {"alpha": {"extend_inverted": False}}
+# The default gate's removal since session 8: the rounds' own rule, α extended along the plateau.
+DEFAULT_GATE_SANITIZE: dict[str, Any] = {"unlearn": REINVERT_RULE, "alpha": {"extend_inverted": True}}
 AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # the first agnostic gate (anchored TBAR on the scan's trigger), with session 5's detection rule
     "tbar-agnostic": {
@@ -75,10 +77,7 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # the gate as the product runs it by default
     "tbar-unlearn-agnostic": {
         "detect": {"differential": DEFAULT_DETECT},
-        "sanitize": {
-            "unlearn": REINVERT_RULE,
-            "alpha": {"extend_inverted": True},
-        },
+        "sanitize": DEFAULT_GATE_SANITIZE,
     },
     # the gate before companion triggers: the scan's mask trigger and the re-inversion rounds only
     # (session 5's detection rule)
@@ -109,7 +108,7 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # model's rate under the same inverted trigger (accept.reference_rate_ceiling)
     "tbar-unlearn-agnostic-refceil": {
         "detect": {"differential": DEFAULT_DETECT},
-        "sanitize": {"unlearn": REINVERT_RULE, "alpha": {"extend_inverted": True}},
+        "sanitize": DEFAULT_GATE_SANITIZE,
         "accept": {"reference_rate_ceiling": True},
     },
     # session 11, measurement: the default gate whose companion blend joins whenever it is cheaper than
@@ -117,7 +116,7 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # detect.differential.blend is read only by the companion when the blend family is not searched)
     "tbar-unlearn-agnostic-blend099": {
         "detect": {"differential": {**DEFAULT_DETECT, "blend": {"ratio": 0.99}}},
-        "sanitize": {"unlearn": REINVERT_RULE, "alpha": {"extend_inverted": True}},
+        "sanitize": DEFAULT_GATE_SANITIZE,
     },
 }
 KNOWN = tuple(KNOWN_METHODS)
