@@ -19,6 +19,7 @@ DEFENCE_LABELS = {
     "tbar-unlearn-agnostic-mask": "TBAR agnostic, mask trigger + re-inversion rounds only (no companion blend)",
     "tbar-unlearn-agnostic-signal": "TBAR agnostic, session 6: mask family (z < -2.5 or < 0.5 x) then the separable additive family",
     "tbar-unlearn-agnostic-blend099": "TBAR agnostic, the default gate with the companion blend joining below 0.99 x the median (default 0.7 x)",
+    "tbar-unlearn-agnostic-trial099": "TBAR agnostic, the default gate with the companion blend joining on trial below 0.99 x the median (dropped when the removal with it misses the policy)",
     "clean-ft-1x": "clean fine-tune, N = forget size",
     "clean-ft-10x": "clean fine-tune, N = 10x forget size",
     "grad-ascent": "gradient ascent on the forget set",
@@ -31,6 +32,7 @@ AGNOSTIC_TBAR = (
     "tbar-unlearn-agnostic-mask",
     "tbar-unlearn-agnostic-signal",
     "tbar-unlearn-agnostic-blend099",
+    "tbar-unlearn-agnostic-trial099",
 )
 TBAR = KNOWN_TBAR + AGNOSTIC_TBAR
 REMOVALS = (

@@ -44,6 +44,7 @@ AGNOSTIC_METHODS = {
     "tbar-unlearn-agnostic-s7": "unlearn",
     "tbar-unlearn-agnostic-refceil": "unlearn",
     "tbar-unlearn-agnostic-blend099": "unlearn",
+    "tbar-unlearn-agnostic-trial099": "unlearn",
 }
 # the separable additive family scored at equal effect (the amplitude at which the optimised signal sends
 # 90% of held-out images to the class); rule fixed on the development zoo (bench/zoo-dev.yaml): smallest
@@ -117,6 +118,12 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     "tbar-unlearn-agnostic-blend099": {
         "detect": {"differential": {**DEFAULT_DETECT, "blend": {"ratio": 0.99}}},
         "sanitize": DEFAULT_GATE_SANITIZE,
+    },
+    # session 12: the default gate whose companion blend joins on trial below 0.99 x the median (joins
+    # outright below 0.7 x): when the removal with it misses the policy, the gate removes without it
+    "tbar-unlearn-agnostic-trial099": {
+        "detect": {"differential": DEFAULT_DETECT},
+        "sanitize": {**DEFAULT_GATE_SANITIZE, "unlearn": {**REINVERT_RULE, "companion_trial_ratio": 0.99}},
     },
 }
 KNOWN = tuple(KNOWN_METHODS)

@@ -42,7 +42,14 @@ from tbar_guard.pipeline import VERDICT_EXIT, RunResult, prepare
 from tbar_guard.policy import DetectPolicy, Policy
 from tbar_guard.reinvert import Hardened, harden
 from tbar_guard.report import base_report, removal_json, write_report
-from tbar_guard.sanitize import ReferenceCeilings, StageProgress, for_inverted_trigger, remove_backdoor
+from tbar_guard.sanitize import (
+    LearnedVector,
+    ReferenceCeilings,
+    Removal,
+    StageProgress,
+    for_inverted_trigger,
+    remove_backdoor,
+)
 
 
 @dataclass(frozen=True)
@@ -646,25 +653,31 @@ def gate(
                 blend_config(policy),
             )
             inverted = hardened.trigger
-        ceilings = None
-        if ref_clf is not None:
-            ceilings = reference_ceilings(
-                ref_clf, p.references[0].source, p.splits, inverted, result.target.target, policy
+        target = result.target.target
+
+        def remove(trigger: Trigger, learned: LearnedVector | None) -> Removal:
+            ceilings = None
+            if ref_clf is not None:
+                ceilings = reference_ceilings(ref_clf, p.references[0].source, p.splits, trigger, target, policy)
+            return remove_backdoor(
+                p.clf, p.splits, trigger, target, under, progress, audit, learned, inverted=True, ceilings=ceilings
             )
-        removal = remove_backdoor(
-            p.clf,
-            p.splits,
-            inverted,
-            result.target.target,
-            under,
-            progress,
-            audit,
-            hardened.learned if hardened else None,
-            inverted=True,
-            ceilings=ceilings,
-        )
+
+        removal = remove(inverted, hardened.learned if hardened else None)
+        trial_words = ""
+        if hardened is not None and hardened.without_trial is not None and removal.verdict != "removed":
+            # the companion joined on trial only (below the trial ratio, not the family's): without it
+            fallback = remove(*hardened.without_trial)
+            if fallback.verdict == "removed":
+                trial_words = (
+                    f"; the companion blend on trial was dropped: with it the removal was {removal.verdict} "
+                    f"({removal.reason})"
+                )
+                inverted, removal = hardened.without_trial[0], fallback
+            else:
+                trial_words = f"; without the companion blend on trial the removal was {fallback.verdict} too"
         verdict = "unremoved" if removal.verdict == "clean" else removal.verdict
-        reason = f"{result.explanation}; removal: {removal.reason}"
+        reason = f"{result.explanation}; removal: {removal.reason}{trial_words}"
     code = VERDICT_EXIT[verdict]
     report = base_report("gate", verdict, int(code), reason)
     report.update(
@@ -698,10 +711,14 @@ def gate(
                 "rounds": [r.to_json() for r in hardened.rounds],
                 "companions": [c.to_json() for c in hardened.companions],
             }
-            if hardened.trigger.count > 1:
-                companions = sum(c.added for c in hardened.companions)
+            dropped = hardened.without_trial is not None and inverted is hardened.without_trial[0]
+            report["reinversion"]["trial_companion"] = (
+                None if hardened.without_trial is None else ("dropped" if dropped else "kept")
+            )
+            if inverted.count > 1:
+                companions = 0 if dropped else sum(c.added for c in hardened.companions)
                 report["trigger_description"] += (
-                    f", {hardened.trigger.count} triggers: the scan's, "
+                    f", {inverted.count} triggers: the scan's, "
                     f"{sum(r.added for r in hardened.rounds)} re-inverted on the unlearned model"
                     + (f", {companions} companion (full-image blend)" if companions else "")
                     + " (each forget image carries one; ASR is their mean)"

@@ -90,6 +90,9 @@ class Companion:
     added: bool  # small, works (>= half the held-out images to the target) and specific: joined the forget set
     explanation: str
     seconds: float
+    # joined on trial: not small by the family's ratio but below sanitize.unlearn.companion_trial_ratio x the
+    # median; the gate removes without it when the removal with it misses the policy
+    trial: bool = False
 
     def to_json(self) -> dict[str, float | bool | str | None]:
         return {
@@ -99,6 +102,7 @@ class Companion:
             "asr": self.asr,
             "reference_asr": None if math.isnan(self.reference_asr) else self.reference_asr,
             "added": self.added,
+            "trial": self.trial,
             "explanation": self.explanation,
             "seconds": self.seconds,
         }
@@ -112,6 +116,8 @@ class Hardened:
     rounds: tuple[ReinversionRound, ...]
     learned: LearnedVector
     companions: tuple[Companion, ...] = ()
+    # with a companion on trial: the trigger set and τ without it (the gate's fallback)
+    without_trial: tuple[Trigger, LearnedVector] | None = None
 
 
 @contextmanager
@@ -134,12 +140,14 @@ def _companion(
     max_transfer: float | None,
     reference: nn.Module | None,
     progress: Progress | None,
+    trial_ratio: float | None = None,
 ) -> tuple[Companion, Trigger]:
     """(evidence, trigger): the target class inverted as a full-image blend on ``clf``, judged like
     the scan's blend family but against a sample of classes (the target and up to
     ``targets_per_chunk`` − 1 others, one chunk): it joins when its strength is below ``ratio`` ×
     the sample's median, it works (≥ half the held-out images to the target) and it is specific
-    (transfer check)."""
+    (transfer check). With ``trial_ratio`` above ``ratio``, a blend that works and is specific and
+    whose strength is below ``trial_ratio`` × the median joins on trial (``Companion.trial``)."""
     t0 = time.perf_counter()
     order = torch.randperm(n_classes, generator=torch.Generator().manual_seed(config.seed)).tolist()
     others = [c for c in order if c != target][: max(1, config.targets_per_chunk - 1)]
@@ -158,24 +166,41 @@ def _companion(
     median = float(found.strengths.median())
     ratio = strength / max(median, 1e-12)
     small = ratio < config.ratio
+    on_trial = not small and trial_ratio is not None and ratio < trial_ratio
     works = hit.asr >= 0.5
     transfer = transfer_ratio(hit)
     specific = max_transfer is None or math.isnan(transfer) or transfer <= max_transfer
-    added = small and works and specific
+    added = (small or on_trial) and works and specific
     why = [
         w
-        for w, bad in (("not small", not small), ("does not work", not works), ("moves the reference", not specific))
+        for w, bad in (
+            ("not small", not (small or on_trial)),
+            ("does not work", not works),
+            ("moves the reference", not specific),
+        )
         if bad
     ]
+    joins = f"joins below {config.ratio:g} x" + ("" if trial_ratio is None else f", on trial below {trial_ratio:g} x")
     explanation = (
         f"class {target} as a full-image blend: strength {strength:.3f}, {ratio:.2f} x the median {median:.3f} of "
-        f"{len(found.per_target)} classes (joins below {config.ratio:g} x), sends {100 * hit.asr:.1f}% of the held-out "
-        "images to it"
+        f"{len(found.per_target)} classes ({joins}), sends {100 * hit.asr:.1f}% of the held-out images to it"
         + ("" if math.isnan(transfer) else f"; transfer to the reference {transfer:.2f} (max {max_transfer})")
-        + ("; added to the forget set" if added else f"; not added ({', '.join(why)})")
+        + (
+            ("; added to the forget set on trial" if on_trial else "; added to the forget set")
+            if added
+            else f"; not added ({', '.join(why)})"
+        )
     )
     companion = Companion(
-        "blend", strength, median, hit.asr, hit.reference_asr, added, explanation, time.perf_counter() - t0
+        "blend",
+        strength,
+        median,
+        hit.asr,
+        hit.reference_asr,
+        added,
+        explanation,
+        time.perf_counter() - t0,
+        added and on_trial,
     )
     return companion, Trigger.from_mask(*found.trigger(0))
 
@@ -196,11 +221,14 @@ def harden(
     is θ_b on entry and on return). With ``sanitize.unlearn.companions`` naming ``blend`` (and
     ``blend`` given), after the rounds the target class is inverted as a full-image blend on the
     unlearned model; when that trigger is small against a sample of other classes' blends, works and
-    is specific, it joins the forget set and τ is learned once more (:func:`_companion`)."""
+    is specific, it joins the forget set and τ is learned once more (:func:`_companion`); one that
+    joined on trial (``sanitize.unlearn.companion_trial_ratio``) leaves the set and τ without it in
+    ``Hardened.without_trial``."""
     members = [Trigger.from_mask(scan.mask, scan.pattern)]
     theta_b = visual_state(clf)
     heldout = splits.val.pixels()
     companions: list[Companion] = []
+    without_trial: tuple[Trigger, LearnedVector] | None = None
 
     def learn() -> LearnedVector:  # τ from θ_b on the current trigger set
         return learn_on_forget_set(
@@ -278,10 +306,21 @@ def harden(
         # blend diluted the set and the patch survived: gtsrb-badnet-t1-s0, 0.5% -> 34-92%)
         with _unlearned(clf, theta_b, learned):
             companion, trigger = _companion(
-                clf, shadow, heldout, len(scan.per_target), target, blend, config.max_transfer, reference, progress
+                clf,
+                shadow,
+                heldout,
+                len(scan.per_target),
+                target,
+                blend,
+                config.max_transfer,
+                reference,
+                progress,
+                policy.sanitize.unlearn.companion_trial_ratio,
             )
         companions.append(companion)
         if companion.added:
+            if companion.trial:
+                without_trial = (Trigger.from_masks(members), learned)
             members.append(trigger)
             learned = learn()
-    return Hardened(Trigger.from_masks(members), tuple(rounds), learned, tuple(companions))
+    return Hardened(Trigger.from_masks(members), tuple(rounds), learned, tuple(companions), without_trial)

@@ -226,6 +226,14 @@ def _reinversion_md(report: Mapping[str, Any]) -> list[str]:
         lines += ["", "## Companion triggers", ""] + [
             f"- {c['family']}: {c['explanation']}" for c in info["companions"]
         ]
+        trial = info.get("trial_companion")
+        if trial == "dropped":
+            lines += [
+                "",
+                "The companion on trial was dropped: the removal with it missed the policy; the one below is without it.",
+            ]
+        elif trial == "kept":
+            lines += ["", "The companion on trial was kept: the removal below unlearned it with the other triggers."]
     if not info.get("rounds"):
         return lines
     lines += [

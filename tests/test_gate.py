@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ from fast_policy import FAST_REMOVAL_YAML
 from PIL import Image
 from typer.testing import CliRunner
 
+from tbar_guard import gate as gate_module
+from tbar_guard import reinvert
 from tbar_guard.bundle import load_bundle, save_model, sha256_file
 from tbar_guard.cli import app
 from tbar_guard.gate import gate, scan
@@ -268,3 +271,55 @@ def test_reference_of_other_image_size_is_refused(victim_dir: Path, test_npz: Pa
     )
     assert res.exit_code == 4, res.output
     assert "reference" in res.output
+
+
+def test_gate_drops_a_companion_on_trial_when_the_removal_with_it_misses_the_policy(
+    victim_dir: Path, test_npz: Path, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection around real components: the companion blend is made to join on trial, and the
+    removal with it is made to miss the policy. The gate then removes without it (a second real
+    removal), says so, and registers that model; when the removal without it fails too, the verdict
+    is unremoved, the companion is reported kept and nothing is written."""
+    real_companion, real_remove = reinvert._companion, gate_module.remove_backdoor
+    monkeypatch.setattr(
+        reinvert,
+        "_companion",
+        lambda *a, **k: (lambda c, t: (dataclasses.replace(c, added=True, trial=True), t))(*real_companion(*a, **k)),
+    )
+    calls: list[int] = []  # the trigger count of each removal
+    fail_all = False
+
+    def remove(clf, splits, trigger, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(trigger.count)
+        result = real_remove(clf, splits, trigger, *args, **kwargs)
+        if len(calls) == 1 or fail_all:
+            return dataclasses.replace(result, verdict="unremoved", reason="forced by the test")
+        return result
+
+    monkeypatch.setattr(gate_module, "remove_backdoor", remove)
+    off = {"reemergence": {"enabled": False}, "disentanglement": {"enabled": False}}
+    sanitize = {"unlearn": {"reinvert_rounds": 1, "companion_trial_ratio": 0.99}, **off}
+    policy = _policy(base_dir, trigger={"kind": "badnet"}, target="0", sanitize=sanitize)
+    result = gate(victim_dir, test_npz, policy, tmp_path / "dropped")
+    report = result.report
+    assert len(calls) == 2 and calls[1] == calls[0] - 1, calls  # the fallback: the same set less the blend
+    assert result.verdict == "removed", report["reason"]
+    assert (
+        "the companion blend on trial was dropped: with it the removal was unremoved (forced by the test)"
+        in (report["reason"])
+    )
+    (companion,) = report["reinversion"]["companions"]
+    assert companion["added"] and companion["trial"]
+    assert report["reinversion"]["trial_companion"] == "dropped"
+    assert "companion" not in report.get("trigger_description", "")
+    assert report["true_trigger"]["after"]["attack_success_rate"] <= policy.accept.asr_ceiling
+    assert (tmp_path / "dropped" / "model").is_dir()
+    assert "The companion on trial was dropped" in (tmp_path / "dropped" / "report.md").read_text()
+
+    calls.clear()
+    fail_all = True
+    result = gate(victim_dir, test_npz, policy, tmp_path / "kept")
+    assert len(calls) == 2 and result.verdict == "unremoved" and int(result.exit_code) != 0
+    assert "without the companion blend on trial the removal was unremoved too" in result.report["reason"]
+    assert result.report["reinversion"]["trial_companion"] == "kept"
+    assert result.report["output"] is None and not (tmp_path / "kept" / "model").exists()

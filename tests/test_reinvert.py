@@ -216,3 +216,44 @@ def test_blend_companion_stays_out_once_the_mask_rounds_removed_a_patch(
     (companion,) = hardened.companions
     assert not companion.added, companion.explanation
     assert hardened.trigger.count == 2  # the decoy and the re-inverted patch
+
+
+def test_companion_trial_ratio_policy() -> None:
+    assert Policy().sanitize.unlearn.companion_trial_ratio is None  # off by default
+    on = policy_from_dict({"sanitize": {"unlearn": {"companion_trial_ratio": 0.99}}})
+    assert on.sanitize.unlearn.companion_trial_ratio == 0.99
+    for bad in (0, 1.5):
+        with pytest.raises(PolicyError) as info:
+            policy_from_dict({"sanitize": {"unlearn": {"companion_trial_ratio": bad}}})
+        assert any(p.startswith("sanitize.unlearn.companion_trial_ratio") for p in info.value.problems), bad
+
+
+@pytest.mark.slow
+def test_blend_companion_joins_on_trial_and_leaves_the_set_without_it(
+    blended_victim: ClipBundle, foundation: ClipBundle, splits: Splits, policy: Policy
+) -> None:
+    """With the family's join ratio lowered to 0.1 x the median, the Blended victim's companion (below
+    0.7 x: the test above) no longer joins outright; under a trial ratio of 1.0 it joins on trial, and
+    the hardened result keeps the set and τ without it for the gate's fallback. Without a trial ratio
+    it stays out."""
+    scan, ref, shadow = _decoy_scan(blended_victim, foundation, splits)
+    clf = classifier_for(blended_victim)
+    raw = policy.to_json()
+    raw["sanitize"]["unlearn"].update({"reinvert_rounds": 0, "companions": ["blend"], "companion_trial_ratio": 1.0})
+    blend = BlendConfig(steps=120, batch_size=16, seed=0, ratio=0.1)
+    hardened = harden(clf, splits, scan, TARGET, policy_from_dict(raw), CONFIG, shadow, ref, blend=blend)
+    (companion,) = hardened.companions
+    assert companion.added and companion.trial, companion.explanation
+    assert 0.1 * companion.median_score <= companion.score < companion.median_score, companion.explanation
+    assert "on trial below 1 x" in companion.explanation and "added to the forget set on trial" in companion.explanation
+    assert companion.to_json()["trial"] is True
+    assert hardened.trigger.count == 2  # the decoy and the blend on trial
+    assert hardened.without_trial is not None
+    without, learned = hardened.without_trial
+    assert without.count == 1
+    assert learned.tau != hardened.learned.tau  # τ learned once more with the blend
+    raw["sanitize"]["unlearn"]["companion_trial_ratio"] = None
+    strict = harden(clf, splits, scan, TARGET, policy_from_dict(raw), CONFIG, shadow, ref, blend=blend)
+    assert not strict.companions[0].added and not strict.companions[0].trial, strict.companions[0].explanation
+    assert strict.without_trial is None and strict.trigger.count == 1
+    assert strict.learned.tau == learned.tau  # the same τ as the fallback: the decoy alone, same seeds
