@@ -68,7 +68,14 @@ REINVERT_RULE: dict[str, Any] = {"reinvert_z_threshold": -2.5, "reinvert_area_ra
 # Gates built before session 8 chose α without extending it along the inverted trigger's plateau.
 BEFORE_EXTEND: dict[str, Any] = {"alpha": {"extend_inverted": False}}
 # The default gate's removal since session 8: the rounds' own rule, α extended along the plateau.
-DEFAULT_GATE_SANITIZE: dict[str, Any] = {"unlearn": REINVERT_RULE, "alpha": {"extend_inverted": True}}
+# The default gate's removal in sessions 8-11 (the refceil and blend099 measurements ran on it).
+SESSION11_GATE_SANITIZE: dict[str, Any] = {"unlearn": REINVERT_RULE, "alpha": {"extend_inverted": True}}
+# Since session 12 a companion blend below 0.99 x the median joins on trial (dropped when the removal
+# with it misses the policy).
+DEFAULT_GATE_SANITIZE: dict[str, Any] = {
+    "unlearn": {**REINVERT_RULE, "companion_trial_ratio": 0.99},
+    "alpha": {"extend_inverted": True},
+}
 AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # the first agnostic gate (anchored TBAR on the scan's trigger), with session 5's detection rule
     "tbar-agnostic": {
@@ -109,7 +116,7 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # model's rate under the same inverted trigger (accept.reference_rate_ceiling)
     "tbar-unlearn-agnostic-refceil": {
         "detect": {"differential": DEFAULT_DETECT},
-        "sanitize": DEFAULT_GATE_SANITIZE,
+        "sanitize": SESSION11_GATE_SANITIZE,
         "accept": {"reference_rate_ceiling": True},
     },
     # session 11, measurement: the default gate whose companion blend joins whenever it is cheaper than
@@ -117,10 +124,11 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # detect.differential.blend is read only by the companion when the blend family is not searched)
     "tbar-unlearn-agnostic-blend099": {
         "detect": {"differential": {**DEFAULT_DETECT, "blend": {"ratio": 0.99}}},
-        "sanitize": DEFAULT_GATE_SANITIZE,
+        "sanitize": SESSION11_GATE_SANITIZE,
     },
-    # session 12: the default gate whose companion blend joins on trial below 0.99 x the median (joins
-    # outright below 0.7 x): when the removal with it misses the policy, the gate removes without it
+    # session 12, measured on the development zoo then adopted: the gate whose companion blend joins on
+    # trial below 0.99 x the median (outright below 0.7 x); when the removal with it misses the policy, the
+    # gate removes without it. Its settings are the default gate's since (bench/results/trial099-s12).
     "tbar-unlearn-agnostic-trial099": {
         "detect": {"differential": DEFAULT_DETECT},
         "sanitize": {**DEFAULT_GATE_SANITIZE, "unlearn": {**REINVERT_RULE, "companion_trial_ratio": 0.99}},

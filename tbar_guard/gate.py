@@ -705,16 +705,14 @@ def gate(
             + ("additive signal)" if result.family == "additive" else "mask + pattern)")
         )
         if hardened is not None:
+            dropped = hardened.without_trial is not None and inverted is hardened.without_trial[0]
             report["reinversion"] = {
-                "triggers": hardened.trigger.count,
+                "triggers": inverted.count,  # the set unlearned (less a companion on trial that was dropped)
                 "max_rounds": policy.sanitize.unlearn.reinvert_rounds,
                 "rounds": [r.to_json() for r in hardened.rounds],
                 "companions": [c.to_json() for c in hardened.companions],
+                "trial_companion": None if hardened.without_trial is None else ("dropped" if dropped else "kept"),
             }
-            dropped = hardened.without_trial is not None and inverted is hardened.without_trial[0]
-            report["reinversion"]["trial_companion"] = (
-                None if hardened.without_trial is None else ("dropped" if dropped else "kept")
-            )
             if inverted.count > 1:
                 companions = 0 if dropped else sum(c.added for c in hardened.companions)
                 report["trigger_description"] += (

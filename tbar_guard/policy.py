@@ -72,8 +72,9 @@ class UnlearnPolicy(_Section):
     reinvert_area_ratio: float = Field(0.5, ge=0, lt=1)
     companions: tuple[Literal["blend"], ...] = ("blend",)
     # a companion whose strength is at or above detect.differential.blend.ratio x the median but below this
-    # joins on trial: when the removal with it misses the policy, the gate removes without it (None = off)
-    companion_trial_ratio: float | None = Field(None, gt=0, le=1)
+    # joins on trial: when the removal with it misses the policy, the gate removes without it (None = off;
+    # default 0.99 since session 12, chosen on the development zoo: README "the companion on trial")
+    companion_trial_ratio: float | None = Field(0.99, gt=0, le=1)
 
 
 class ReemergencePolicy(_Section):
@@ -289,7 +290,7 @@ sanitize:
                          # unlearned model; it joins the forget set when its strength is below
                          # detect.differential.blend.ratio x the median of a sample of classes (one chunk),
                          # it works and it is specific (transfer check); [] = off
-    companion_trial_ratio: null  # gate only: a companion at or above that ratio but below this x the median
+    companion_trial_ratio: 0.99  # gate only: a companion at or above that ratio but below this x the median
                          # joins on trial: when the removal with it misses the policy, the gate removes
                          # without it and says so (null = off)
   alpha:                 # coarse-to-fine search; the backdoor may need alpha > 1

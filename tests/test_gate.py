@@ -121,9 +121,16 @@ def test_gate_removes_backdoor_with_inverted_trigger(
     # the blend companion (default on): searched once after the rounds, its evidence whether or not it joined
     (companion,) = rounds["companions"]
     assert companion["family"] == "blend" and 0 < companion["score"] <= 1, companion
-    if companion["added"]:  # only a small, working blend joins
-        assert companion["score"] < 0.7 * companion["median_score"] and companion["asr"] >= 0.5, companion
-    assert rounds["triggers"] == 1 + sum(r["added"] for r in rounds["rounds"]) + int(companion["added"])
+    if companion["added"]:  # only a small (or, on trial, below-median), working blend joins
+        ratio = policy.sanitize.unlearn.companion_trial_ratio if companion["trial"] else 0.7
+        assert ratio is not None and companion["score"] < ratio * companion["median_score"], companion
+        assert companion["asr"] >= 0.5, companion
+    if companion["trial"]:  # joined on trial: kept, or dropped when the removal with it missed the policy
+        assert rounds["trial_companion"] in ("kept", "dropped"), rounds
+    else:
+        assert rounds["trial_companion"] is None, rounds
+    kept = companion["added"] and rounds["trial_companion"] != "dropped"
+    assert rounds["triggers"] == 1 + sum(r["added"] for r in rounds["rounds"]) + int(kept)
     assert "## Re-inversion rounds" in md and "## Companion triggers" in md
     assert int(result.exit_code) == 1
     # the base model's rate under the inverted trigger is evidence; the verdict raises its ceilings to it
@@ -303,6 +310,7 @@ def test_gate_drops_a_companion_on_trial_when_the_removal_with_it_misses_the_pol
     result = gate(victim_dir, test_npz, policy, tmp_path / "dropped")
     report = result.report
     assert len(calls) == 2 and calls[1] == calls[0] - 1, calls  # the fallback: the same set less the blend
+    assert report["reinversion"]["triggers"] == calls[1]
     assert result.verdict == "removed", report["reason"]
     assert (
         "the companion blend on trial was dropped: with it the removal was unremoved (forced by the test)"
@@ -319,7 +327,7 @@ def test_gate_drops_a_companion_on_trial_when_the_removal_with_it_misses_the_pol
     calls.clear()
     fail_all = True
     result = gate(victim_dir, test_npz, policy, tmp_path / "kept")
-    assert len(calls) == 2 and result.verdict == "unremoved" and int(result.exit_code) != 0
+    assert len(calls) == 2 and result.verdict == "unremoved" and int(result.exit_code) == 3
     assert "without the companion blend on trial the removal was unremoved too" in result.report["reason"]
     assert result.report["reinversion"]["trial_companion"] == "kept"
     assert result.report["output"] is None and not (tmp_path / "kept" / "model").exists()

@@ -219,9 +219,9 @@ def test_blend_companion_stays_out_once_the_mask_rounds_removed_a_patch(
 
 
 def test_companion_trial_ratio_policy() -> None:
-    assert Policy().sanitize.unlearn.companion_trial_ratio is None  # off by default
-    on = policy_from_dict({"sanitize": {"unlearn": {"companion_trial_ratio": 0.99}}})
-    assert on.sanitize.unlearn.companion_trial_ratio == 0.99
+    assert Policy().sanitize.unlearn.companion_trial_ratio == 0.99  # on by default since session 12
+    off = policy_from_dict({"sanitize": {"unlearn": {"companion_trial_ratio": None}}})
+    assert off.sanitize.unlearn.companion_trial_ratio is None
     for bad in (0, 1.5):
         with pytest.raises(PolicyError) as info:
             policy_from_dict({"sanitize": {"unlearn": {"companion_trial_ratio": bad}}})
