@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import floor_gap
 from bench import results as bench_results
 from bench import runner as bench_runner
 from bench.__main__ import main as bench_main
@@ -261,3 +262,27 @@ def test_true_curve_rebuilds_the_removal_direction_from_the_shipped_model(
     assert curve[2]["clean_accuracy"] == pytest.approx(shipped.clean_accuracy, abs=0.01)
     assert victim.attack_success_rate is not None and shipped.attack_success_rate is not None
     assert victim.attack_success_rate > 0.8 > shipped.attack_success_rate + 0.5  # the two ends differ
+
+
+def test_floor_gap_compares_validation_and_test_kept_at_the_chosen_alpha() -> None:
+    def record(victim: str, verdict: str, alpha: float, val_ca: float, test_kept: float) -> dict[str, object]:
+        sweep = [{"alpha": 0.0, "clean_accuracy": 0.6}, {"alpha": alpha, "clean_accuracy": val_ca}]
+        return {"victim": victim, "defence": "tbar-unlearn-known", "verdict": verdict, "alpha": alpha,
+                "alpha_sweep": sweep, "ca_kept": test_kept}  # fmt: skip
+
+    results = {
+        "records": [
+            record("a", "removed", 2.0, 0.576, 0.90),  # validation 0.96 passes the floor, test 0.90 does not
+            record("b", "removed", 1.0, 0.594, 1.00),  # validation 0.99, test 1.00
+            record("c", "unremoved", 1.0, 0.3, 0.5),  # shipped nothing: not counted
+            {"victim": "d", "defence": "decree", "verdict": "removed"},  # no sweep: not a TBAR record
+        ]
+    }
+    rows = floor_gap.gaps(results)
+    assert [r["victim"] for r in rows] == ["a", "b"]
+    assert rows[0]["val_kept"] == pytest.approx(0.96) and rows[0]["gap"] == pytest.approx(0.06)
+    assert rows[1]["gap"] == pytest.approx(-0.01)
+    md = floor_gap.markdown(rows, 0.95)
+    assert md.startswith("2 shipped TBAR records") and "while validation passed it: 1" in md
+    assert md.index("| a |") < md.index("| b |")  # largest gap first
+    assert floor_gap.markdown([], 0.95).startswith("no shipped")
