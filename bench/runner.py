@@ -803,9 +803,14 @@ def run_parallel(
         for s in (t.victim_train, t.defender, t.extra_clean):
             prep.zoo.images(s)
     work = [_Job(zoo_path, out, cache, shared, defences_, v.name, host["commit"]) for v in victims]
+    # the clean controls an attacked victim's clean-control ASR reads, when a slice (--only, --limit) left
+    # them out: built by the workers too, not one after another in this process
+    attacked = {v.task for v in victims if v.attack is not None}
+    controls = [c for c in spec.victims if c.attack is None and c.task in attacked and c not in victims]
+    build = work + [_Job(zoo_path, out, cache, shared, defences_, c.name, host["commit"]) for c in controls]
     ctx_mp = multiprocessing.get_context("spawn")
     with ctx_mp.Pool(jobs, initializer=_worker_init, initargs=(worker_threads,)) as pool:
-        for name, seconds, meta in pool.imap_unordered(_build_one, work):
+        for name, seconds, meta in pool.imap_unordered(_build_one, build):
             asr = meta["attack_success_rate"]
             log(
                 f"{name}: victim ready in {seconds:.0f} s, CA {100 * meta['clean_accuracy']:.1f}%"

@@ -125,6 +125,28 @@ def test_parallel_jobs_compute_the_records_of_a_one_process_run(
     assert "with `--jobs" not in (tmp_path / "out-1" / "RESULTS.md").read_text()
 
 
+@needs_data
+def test_parallel_slice_has_its_clean_controls_built_by_the_workers(
+    tiny_run: tuple[Path, Path, dict], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """``--only badnet`` leaves the clean control out of the slice; its clean-control ASR still needs it, and
+    the workers build it with the victims (before, the main process built it alone after them)."""
+    _out, cache, _res = tiny_run
+    c = tmp_path / "cache"
+    shutil.copytree(cache / "models", c / "models", ignore=shutil.ignore_patterns("victim-*", "base-*"))
+    shutil.copytree(cache / "data", c / "data")
+    args = ["run", "--zoo", str(TINY), "--out", str(tmp_path / "out"), "--cache", str(c), "--threads", "1"]
+    assert bench_main([*args, "--jobs", "2", "--only", "badnet", "--defences", "decree"]) == 0
+    printed = capfd.readouterr().out
+    (control,) = [v.name for v in load_zoo(TINY).victims if v.attack is None]
+    ready = printed.index("zoo ready")
+    assert f"{control}: victim ready in" in printed[:ready], printed
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [v["name"] for v in res["victims"] if v["attack"]] and all(
+        v["clean_control_asr"] is not None for v in res["victims"] if v["attack"]
+    ), res["victims"]
+
+
 def test_jobs_must_be_positive(tmp_path: Path) -> None:
     assert bench_main(["run", "--zoo", str(TINY), "--out", str(tmp_path), "--jobs", "0"]) == 2
 
