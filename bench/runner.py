@@ -67,14 +67,14 @@ SESSION5_MASK_RULE: dict[str, Any] = {"z_threshold": -2.5, "area_ratio": 0.5, "m
 REINVERT_RULE: dict[str, Any] = {"reinvert_z_threshold": -2.5, "reinvert_area_ratio": 0.5}
 # Gates built before session 8 chose α without extending it along the inverted trigger's plateau.
 BEFORE_EXTEND: dict[str, Any] = {"alpha": {"extend_inverted": False}}
-# The default gate's removal since session 8: the rounds' own rule, α extended along the plateau.
-# The default gate's removal in sessions 8-11 (the refceil and blend099 measurements ran on it).
+# The default gate's removal in sessions 8-11 (the refceil and blend099 measurements ran on it): the
+# rounds' own rule, α extended along the plateau.
 SESSION11_GATE_SANITIZE: dict[str, Any] = {"unlearn": REINVERT_RULE, "alpha": {"extend_inverted": True}}
-# Since session 12 a companion blend below 0.99 x the median joins on trial (dropped when the removal
+# Since session 12 also a companion blend below 0.99 x the median joins on trial (dropped when the removal
 # with it misses the policy).
 DEFAULT_GATE_SANITIZE: dict[str, Any] = {
+    **SESSION11_GATE_SANITIZE,
     "unlearn": {**REINVERT_RULE, "companion_trial_ratio": 0.99},
-    "alpha": {"extend_inverted": True},
 }
 AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # the first agnostic gate (anchored TBAR on the scan's trigger), with session 5's detection rule
@@ -131,7 +131,7 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # gate removes without it. Its settings are the default gate's since (bench/results/trial099-s12).
     "tbar-unlearn-agnostic-trial099": {
         "detect": {"differential": DEFAULT_DETECT},
-        "sanitize": {**DEFAULT_GATE_SANITIZE, "unlearn": {**REINVERT_RULE, "companion_trial_ratio": 0.99}},
+        "sanitize": DEFAULT_GATE_SANITIZE,
     },
 }
 KNOWN = tuple(KNOWN_METHODS)

@@ -625,6 +625,7 @@ def gate(
     result = run_scan(p.clf, p.splits, policy, p.device, p.references, progress, ref_clf)
     removal = None
     hardened: Hardened | None = None
+    trial_outcome: str | None = None  # a companion on trial: "kept" or "dropped" (the gate removed without it)
     if not result.flagged:
         verdict = "clean"
         reason = f"{result.explanation}; {not_clean_claim(result)} (large-area or warping triggers are not ruled out)"
@@ -665,17 +666,20 @@ def gate(
 
         removal = remove(inverted, hardened.learned if hardened else None)
         trial_words = ""
-        if hardened is not None and hardened.without_trial is not None and removal.verdict != "removed":
-            # the companion joined on trial only (below the trial ratio, not the family's): without it
-            fallback = remove(*hardened.without_trial)
-            if fallback.verdict == "removed":
-                trial_words = (
-                    f"; the companion blend on trial was dropped: with it the removal was {removal.verdict} "
-                    f"({removal.reason})"
-                )
-                inverted, removal = hardened.without_trial[0], fallback
-            else:
-                trial_words = f"; without the companion blend on trial the removal was {fallback.verdict} too"
+        if hardened is not None and hardened.without_trial is not None:
+            trial_outcome = "kept"
+            if removal.verdict != "removed":
+                # the companion joined on trial only (below the trial ratio, not the family's): without it
+                fallback = remove(*hardened.without_trial)
+                if fallback.verdict == "removed":
+                    trial_words = (
+                        f"; the companion blend on trial was dropped: with it the removal was {removal.verdict} "
+                        f"({removal.reason})"
+                    )
+                    trial_outcome = "dropped"
+                    inverted, removal = hardened.without_trial[0], fallback
+                else:
+                    trial_words = f"; without the companion blend on trial the removal was {fallback.verdict} too"
         verdict = "unremoved" if removal.verdict == "clean" else removal.verdict
         reason = f"{result.explanation}; removal: {removal.reason}{trial_words}"
     code = VERDICT_EXIT[verdict]
@@ -705,16 +709,15 @@ def gate(
             + ("additive signal)" if result.family == "additive" else "mask + pattern)")
         )
         if hardened is not None:
-            dropped = hardened.without_trial is not None and inverted is hardened.without_trial[0]
             report["reinversion"] = {
                 "triggers": inverted.count,  # the set unlearned (less a companion on trial that was dropped)
                 "max_rounds": policy.sanitize.unlearn.reinvert_rounds,
                 "rounds": [r.to_json() for r in hardened.rounds],
                 "companions": [c.to_json() for c in hardened.companions],
-                "trial_companion": None if hardened.without_trial is None else ("dropped" if dropped else "kept"),
+                "trial_companion": trial_outcome,
             }
             if inverted.count > 1:
-                companions = 0 if dropped else sum(c.added for c in hardened.companions)
+                companions = 0 if trial_outcome == "dropped" else sum(c.added for c in hardened.companions)
                 report["trigger_description"] += (
                     f", {inverted.count} triggers: the scan's, "
                     f"{sum(r.added for r in hardened.rounds)} re-inverted on the unlearned model"
