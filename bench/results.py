@@ -20,6 +20,9 @@ DEFENCE_LABELS = {
     "tbar-unlearn-agnostic-signal": "TBAR agnostic, session 6: mask family (z < -2.5 or < 0.5 x) then the separable additive family",
     "tbar-unlearn-agnostic-blend099": "TBAR agnostic, the default gate with the companion blend joining below 0.99 x the median (default 0.7 x)",
     "tbar-unlearn-agnostic-trial099": "TBAR agnostic, the default gate with the companion blend joining on trial below 0.99 x the median (dropped when the removal with it misses the policy)",
+    "tbar-unlearn-agnostic-additive": "TBAR agnostic, the default gate that also hardens an additive-family scan (its signal + the companion blend)",
+    "tbar-unlearn-agnostic-signal-first": "TBAR agnostic, the additive family searched first (decides where it fires), not hardened",
+    "tbar-unlearn-agnostic-signal-first-hardened": "TBAR agnostic, the additive family searched first, hardened (its signal + the companion blend)",
     "clean-ft-1x": "clean fine-tune, N = forget size",
     "clean-ft-10x": "clean fine-tune, N = 10x forget size",
     "grad-ascent": "gradient ascent on the forget set",
@@ -33,6 +36,9 @@ AGNOSTIC_TBAR = (
     "tbar-unlearn-agnostic-signal",
     "tbar-unlearn-agnostic-blend099",
     "tbar-unlearn-agnostic-trial099",
+    "tbar-unlearn-agnostic-additive",
+    "tbar-unlearn-agnostic-signal-first",
+    "tbar-unlearn-agnostic-signal-first-hardened",
 )
 TBAR = KNOWN_TBAR + AGNOSTIC_TBAR
 REMOVALS = (

@@ -45,6 +45,9 @@ AGNOSTIC_METHODS = {
     "tbar-unlearn-agnostic-refceil": "unlearn",
     "tbar-unlearn-agnostic-blend099": "unlearn",
     "tbar-unlearn-agnostic-trial099": "unlearn",
+    "tbar-unlearn-agnostic-additive": "unlearn",
+    "tbar-unlearn-agnostic-signal-first": "unlearn",
+    "tbar-unlearn-agnostic-signal-first-hardened": "unlearn",
 }
 # the separable additive family scored at equal effect (the amplitude at which the optimised signal sends
 # 90% of held-out images to the class); rule fixed on the development zoo (bench/zoo-dev.yaml): smallest
@@ -76,6 +79,14 @@ DEFAULT_GATE_SANITIZE: dict[str, Any] = {
     **SESSION11_GATE_SANITIZE,
     "unlearn": {**REINVERT_RULE, "companion_trial_ratio": 0.99},
 }
+# Session 13: a scan decided by the additive family is hardened too (its signal and the companion blend).
+ADDITIVE_HARDENED: dict[str, Any] = {
+    **DEFAULT_GATE_SANITIZE,
+    "unlearn": {**DEFAULT_GATE_SANITIZE["unlearn"], "harden_families": ["mask", "additive"]},
+}
+# The default detection with the additive family searched first: it decides wherever it fires (on the
+# development zoo's Blended victims, which the mask family decides by default) - a measurement device.
+SIGNAL_FIRST_DETECT: dict[str, Any] = {**DEFAULT_DETECT, "families": ["additive", "mask"]}
 AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # the first agnostic gate (anchored TBAR on the scan's trigger), with session 5's detection rule
     "tbar-agnostic": {
@@ -132,6 +143,21 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     "tbar-unlearn-agnostic-trial099": {
         "detect": {"differential": DEFAULT_DETECT},
         "sanitize": DEFAULT_GATE_SANITIZE,
+    },
+    # session 13, measurement: the default gate that also hardens a scan decided by the additive family
+    # (sanitize.unlearn.harden_families [mask, additive]: the scan's signal and the companion blend)
+    "tbar-unlearn-agnostic-additive": {
+        "detect": {"differential": DEFAULT_DETECT},
+        "sanitize": ADDITIVE_HARDENED,
+    },
+    # session 13, measurement pair: the additive family searched first, without and with its hardening
+    "tbar-unlearn-agnostic-signal-first": {
+        "detect": {"differential": SIGNAL_FIRST_DETECT},
+        "sanitize": DEFAULT_GATE_SANITIZE,
+    },
+    "tbar-unlearn-agnostic-signal-first-hardened": {
+        "detect": {"differential": SIGNAL_FIRST_DETECT},
+        "sanitize": ADDITIVE_HARDENED,
     },
 }
 KNOWN = tuple(KNOWN_METHODS)

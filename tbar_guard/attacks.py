@@ -186,6 +186,7 @@ class Trigger:
     pattern: torch.Tensor | None = None  # [3,H,W] in [0,1]; [K,3,H,W] for a set
     grid: torch.Tensor | None = None  # WaNet sampling grid [1,H,W,2]
     additive: torch.Tensor | None = None  # SIG additive pattern [1,1,H,W] or [3,H,W]
+    members: tuple[Trigger, ...] = ()  # a set of triggers of mixed kinds (see ``set_of``)
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, pattern: torch.Tensor) -> Trigger:
@@ -215,9 +216,35 @@ class Trigger:
         patterns = torch.stack([t.pattern.reshape(3, size, size) for t in triggers if t.pattern is not None])
         return cls(None, size, mask=masks, pattern=patterns)
 
+    @classmethod
+    def set_of(cls, triggers: list[Trigger]) -> Trigger:
+        """A set of single triggers of any kinds (mask + pattern, additive, warp) that acts as one, as
+        ``from_masks`` does: image i of a batch gets trigger i mod K. Mask + pattern members only: the
+        stacked set of ``from_masks``."""
+        if not triggers:
+            raise UsageError("a trigger set needs at least one trigger, got none", hint="pass the triggers found")
+        if any(t.count != 1 for t in triggers):
+            raise UsageError(
+                f"a trigger set's members must be single triggers, got sets of {[t.count for t in triggers]}",
+                hint="pass the members of each set, not the sets",
+            )
+        if len(triggers) == 1:
+            return triggers[0]
+        if all(t.mask is not None and t.pattern is not None for t in triggers):
+            return cls.from_masks(triggers)
+        size = triggers[0].image_size
+        if any(t.image_size != size for t in triggers):
+            raise UsageError(
+                f"trigger set members have image sizes {[t.image_size for t in triggers]}",
+                hint="build every member for the model's image size",
+            )
+        return cls(None, size, members=tuple(triggers))
+
     @property
     def count(self) -> int:
-        """How many triggers this is (a set made by ``from_masks`` holds several)."""
+        """How many triggers this is (a set made by ``from_masks`` or ``set_of`` holds several)."""
+        if self.members:
+            return len(self.members)
         return int(self.mask.shape[0]) if self.mask is not None and self.mask.ndim == 4 else 1
 
     def apply(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -228,6 +255,13 @@ class Trigger:
                 hint="build the trigger with the model's image size",
             )
         dev = pixels.device
+        if self.members:  # a mixed set: image i gets member i mod K
+            out = pixels.clone()
+            k = len(self.members)
+            for j, member in enumerate(self.members):
+                if j < pixels.shape[0]:
+                    out[j::k] = member.apply(pixels[j::k], generator)
+            return out
         if isinstance(self.spec, BadNetSpec) and self.spec.location == "random":
             return _quantise(self._random_patch(pixels, generator))
         if self.grid is not None:

@@ -596,6 +596,17 @@ def scan(
     return RunResult(verdict, code, report, out)
 
 
+def hardens(policy: Policy, family: str) -> bool:
+    """Whether the gate hardens an inverted trigger of the scan ``family`` under the removal ``policy``:
+    method ``unlearn`` and the family in ``sanitize.unlearn.harden_families``; the mask family's
+    hardening starts with the re-inversion rounds (none when ``reinvert_rounds`` is 0), the additive
+    family's is the companions only (none when ``companions`` is empty)."""
+    u = policy.sanitize.unlearn
+    if policy.sanitize.method != "unlearn" or family not in u.harden_families:
+        return False
+    return u.reinvert_rounds > 0 if family == "mask" else bool(u.companions)
+
+
 def gate(
     model: Path,
     data: Path | None,
@@ -635,12 +646,7 @@ def gate(
     else:
         inverted = result.inverted_trigger()
         under = for_inverted_trigger(policy)
-        if (
-            under.sanitize.method == "unlearn"
-            and under.sanitize.unlearn.reinvert_rounds > 0
-            and result.inversion is not None
-            and result.family == "mask"
-        ):
+        if result.inversion is not None and hardens(under, result.family):
             hardened = harden(
                 p.clf,
                 p.splits,

@@ -75,6 +75,9 @@ class UnlearnPolicy(_Section):
     # joins on trial: when the removal with it misses the policy, the gate removes without it (None = off;
     # default 0.99 since session 12, chosen on the development zoo: README "the companion on trial")
     companion_trial_ratio: float | None = Field(0.99, gt=0, le=1)
+    # the scan families whose deciding trigger the gate hardens: "mask" (re-inversion rounds, then the
+    # companions), "additive" (the companions only: the rounds search masks against the scan's mask areas)
+    harden_families: tuple[Literal["mask", "additive"], ...] = ("mask",)
 
 
 class ReemergencePolicy(_Section):
@@ -293,6 +296,9 @@ sanitize:
     companion_trial_ratio: 0.99  # gate only: a companion at or above that ratio but below this x the median
                          # joins on trial: when the removal with it misses the policy, the gate removes
                          # without it and says so (null = off)
+    harden_families: [mask]  # gate only: the scan families whose inverted trigger gets the above (mask: the
+                         # rounds, then the companions; additive: the companions, in a set with the scan's
+                         # additive signal); [] = neither
   alpha:                 # coarse-to-fine search; the backdoor may need alpha > 1
     min: 0.0
     max: 6.0

@@ -19,6 +19,10 @@ its real trigger kept 39-48% ASR on the GTSRB victims after them. So a last roun
 blend family (``sanitize.unlearn.companions``): the target class and a sample of others inverted as
 full-image blends on the unlearned model; a target blend that is small against the sample, works
 and is specific joins the forget set.
+
+A scan decided by the additive family (``sanitize.unlearn.harden_families`` naming ``additive``)
+starts the set with its additive signal; it gets no rounds (they search masks, judged against the
+scan's per-class mask areas, which an additive scan does not have), only the companion round.
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ class Companion:
 class Hardened:
     """The trigger set the removal runs with and the τ already learned from it."""
 
-    trigger: Trigger  # every trigger found (``Trigger.from_masks``); a single one when none was added
+    trigger: Trigger  # every trigger found (``Trigger.set_of``); a single one when none was added
     rounds: tuple[ReinversionRound, ...]
     learned: LearnedVector
     companions: tuple[Companion, ...] = ()
@@ -223,8 +227,13 @@ def harden(
     unlearned model; when that trigger is small against a sample of other classes' blends, works and
     is specific, it joins the forget set and τ is learned once more (:func:`_companion`); one that
     joined on trial (``sanitize.unlearn.companion_trial_ratio``) leaves the set and τ without it in
-    ``Hardened.without_trial``."""
-    members = [Trigger.from_mask(scan.mask, scan.pattern)]
+    ``Hardened.without_trial``. An additive ``scan`` (its ``additive`` signal set) starts the set with
+    that signal and runs no rounds, only the companion."""
+    members = [
+        Trigger.from_mask(scan.mask, scan.pattern)
+        if scan.additive is None
+        else Trigger(None, int(scan.additive.shape[-1]), additive=scan.additive)
+    ]
     theta_b = visual_state(clf)
     heldout = splits.val.pixels()
     companions: list[Companion] = []
@@ -234,14 +243,14 @@ def harden(
         return learn_on_forget_set(
             clf,
             splits,
-            Trigger.from_masks(members),
+            Trigger.set_of(members),
             target,
             policy,
             (lambda d, t: progress("fine-tune", d, t)) if progress else None,
         )
 
     rounds: list[ReinversionRound] = []
-    max_rounds = policy.sanitize.unlearn.reinvert_rounds
+    max_rounds = policy.sanitize.unlearn.reinvert_rounds if scan.additive is None else 0
     while True:
         learned = learn()
         if len(rounds) >= max_rounds:
@@ -320,7 +329,7 @@ def harden(
         companions.append(companion)
         if companion.added:
             if companion.trial:
-                without_trial = (Trigger.from_masks(members), learned)
+                without_trial = (Trigger.set_of(members), learned)
             members.append(trigger)
             learned = learn()
-    return Hardened(Trigger.from_masks(members), tuple(rounds), learned, tuple(companions), without_trial)
+    return Hardened(Trigger.set_of(members), tuple(rounds), learned, tuple(companions), without_trial)

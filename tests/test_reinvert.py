@@ -58,6 +58,54 @@ def test_trigger_set_refuses_what_it_cannot_stamp() -> None:
         Trigger.from_masks([_patch(0, 0, 1.0), Trigger.from_mask(torch.ones(32, 32), torch.ones(3, 32, 32))])
 
 
+def test_mixed_trigger_set_stamps_members_round_robin() -> None:
+    """An additive signal and a patch in one set: image i gets member i mod 2, each stamped as it is alone."""
+    signal = Trigger(None, 28, additive=torch.full((3, 28, 28), 0.1))
+    patch = _patch(0, 0, 1.0)
+    both = Trigger.set_of([signal, patch])
+    assert both.count == 2 and both.members == (signal, patch) and both.mask is None
+    x = torch.rand(5, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    out = both.apply(x)
+    for i in range(5):
+        want = (signal if i % 2 == 0 else patch).apply(x[i : i + 1])
+        assert torch.equal(out[i : i + 1], want), i
+    assert torch.equal(both.apply(x[:1]), signal.apply(x[:1]))  # a batch smaller than the set
+    masks_only = Trigger.set_of([patch, _patch(25, 25, 0.0)])  # mask + pattern members: the stacked set
+    assert masks_only.members == () and masks_only.mask is not None and masks_only.count == 2
+    assert Trigger.set_of([signal]) is signal
+
+
+def test_mixed_trigger_set_refuses_what_it_cannot_stamp() -> None:
+    signal = Trigger(None, 28, additive=torch.zeros(3, 28, 28))
+    with pytest.raises(UsageError, match="none"):
+        Trigger.set_of([])
+    with pytest.raises(UsageError, match="single triggers"):
+        Trigger.set_of([signal, Trigger.from_masks([_patch(0, 0, 1.0), _patch(25, 25, 0.0)])])
+    with pytest.raises(UsageError, match="image sizes"):
+        Trigger.set_of([signal, Trigger(None, 32, additive=torch.zeros(3, 32, 32))])
+
+
+def test_harden_families_policy() -> None:
+    from tbar_guard.gate import hardens
+
+    default = Policy()
+    assert default.sanitize.unlearn.harden_families == ("mask",)
+    assert hardens(default, "mask") and not hardens(default, "additive")
+    both = policy_from_dict({"sanitize": {"unlearn": {"harden_families": ["mask", "additive"]}}})
+    assert hardens(both, "mask") and hardens(both, "additive") and not hardens(both, "blend")
+    no_companion = policy_from_dict(
+        {"sanitize": {"unlearn": {"harden_families": ["mask", "additive"], "companions": []}}}
+    )
+    assert hardens(no_companion, "mask") and not hardens(no_companion, "additive")  # nothing to add to a signal
+    no_rounds = policy_from_dict({"sanitize": {"unlearn": {"harden_families": ["additive"], "reinvert_rounds": 0}}})
+    assert hardens(no_rounds, "additive") and not hardens(no_rounds, "mask")
+    anchored = policy_from_dict({"sanitize": {"method": "anchored", "unlearn": {"harden_families": ["additive"]}}})
+    assert not hardens(anchored, "additive")
+    with pytest.raises(PolicyError) as info:
+        policy_from_dict({"sanitize": {"unlearn": {"harden_families": ["warp"]}}})
+    assert any(p.startswith("sanitize.unlearn.harden_families") for p in info.value.problems), info.value.problems
+
+
 def test_reinvert_rounds_policy() -> None:
     assert Policy().sanitize.unlearn.reinvert_rounds == 2
     assert policy_from_dict({"sanitize": {"unlearn": {"reinvert_rounds": 0}}}).sanitize.unlearn.reinvert_rounds == 0
@@ -257,3 +305,37 @@ def test_blend_companion_joins_on_trial_and_leaves_the_set_without_it(
     assert not strict.companions[0].added and not strict.companions[0].trial, strict.companions[0].explanation
     assert strict.without_trial is None and strict.trigger.count == 1
     assert strict.learned.tau == learned.tau  # the same τ as the fallback: the decoy alone, same seeds
+
+
+@pytest.mark.slow
+def test_an_additive_scan_gets_the_companion_and_no_rounds(
+    blended_victim: ClipBundle, foundation: ClipBundle, splits: Splits, blended_trigger: Trigger, policy: Policy
+) -> None:
+    """A scan decided by the additive family (here a decoy: a weak uniform signal this victim never
+    learned) starts the set with its signal; the mask rounds do not run (rounds 1 in the policy), the
+    blend companion does, joins, and unlearning the mixed set removes the real blended trigger that
+    unlearning the signal alone leaves."""
+    scan, ref, shadow = _decoy_scan(blended_victim, foundation, splits)
+    signal = torch.full((3, 28, 28), 0.05)
+    scan = dataclasses.replace(scan, family="additive", additive=signal)
+    clf = classifier_for(blended_victim)
+    theta_b = visual_state(clf)
+    raw = policy.to_json()
+    raw["sanitize"]["unlearn"]["companions"] = []
+    signal_only = harden(clf, splits, scan, TARGET, policy_from_dict(raw), CONFIG, shadow, ref)
+    assert signal_only.rounds == () and signal_only.companions == () and signal_only.trigger.count == 1
+    assert signal_only.trigger.additive is not None and torch.equal(signal_only.trigger.additive, signal)
+    raw["sanitize"]["unlearn"]["companions"] = ["blend"]
+    blend = BlendConfig(steps=120, batch_size=16, seed=0)
+    hardened = harden(clf, splits, scan, TARGET, policy_from_dict(raw), CONFIG, shadow, ref, blend=blend)
+    assert hardened.rounds == ()
+    (companion,) = hardened.companions
+    assert companion.added, companion.explanation
+    assert hardened.trigger.count == 2
+    first, second = hardened.trigger.members
+    assert first.additive is not None and torch.equal(first.additive, signal) and second.mask is not None
+    assert all(torch.equal(v, theta_b[k]) for k, v in visual_state(clf).items()), "theta_b restored"
+    signal_asr = _asr_unlearned(clf, theta_b, signal_only.learned, splits, blended_trigger)
+    set_asr = _asr_unlearned(clf, theta_b, hardened.learned, splits, blended_trigger)
+    assert signal_asr > 0.5, f"the decoy signal alone should leave the backdoor ({signal_asr:.3f})"
+    assert set_asr < 0.25 < 0.5 < signal_asr, (signal_asr, set_asr)
