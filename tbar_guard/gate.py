@@ -724,11 +724,13 @@ def gate(
             }
             if inverted.count > 1:
                 companions = 0 if trial_outcome == "dropped" else sum(c.added for c in hardened.companions)
+                parts = ["the scan's"]
+                if hardened.rounds:  # an additive scan's hardening runs no rounds
+                    parts.append(f"{sum(r.added for r in hardened.rounds)} re-inverted on the unlearned model")
+                if companions:
+                    parts.append(f"{companions} companion (full-image blend)")
                 report["trigger_description"] += (
-                    f", {inverted.count} triggers: the scan's, "
-                    f"{sum(r.added for r in hardened.rounds)} re-inverted on the unlearned model"
-                    + (f", {companions} companion (full-image blend)" if companions else "")
-                    + " (each forget image carries one; ASR is their mean)"
+                    f", {inverted.count} triggers: {', '.join(parts)} (each forget image carries one; ASR is their mean)"
                 )
     if audit is not None and policy.trigger is not None:
         report["true_trigger"] = {
