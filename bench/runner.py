@@ -75,14 +75,21 @@ BEFORE_EXTEND: dict[str, Any] = {"alpha": {"extend_inverted": False}}
 SESSION11_GATE_SANITIZE: dict[str, Any] = {"unlearn": REINVERT_RULE, "alpha": {"extend_inverted": True}}
 # Since session 12 also a companion blend below 0.99 x the median joins on trial (dropped when the removal
 # with it misses the policy).
-DEFAULT_GATE_SANITIZE: dict[str, Any] = {
+SESSION12_GATE_SANITIZE: dict[str, Any] = {
     **SESSION11_GATE_SANITIZE,
     "unlearn": {**REINVERT_RULE, "companion_trial_ratio": 0.99},
 }
-# Session 13: a scan decided by the additive family is hardened too (its signal and the companion blend).
+# Since session 13 the α search goes on past a zero-ASR α while the extension could take the next one
+# (sanitize.alpha.extend_past_zero; before, the coarse search stopped there). The variants above and below
+# that name SESSION11/SESSION12 settings were measured before the option existed (their records: stopped).
+DEFAULT_GATE_SANITIZE: dict[str, Any] = {
+    **SESSION12_GATE_SANITIZE,
+    "alpha": {"extend_inverted": True, "extend_past_zero": True},
+}
+# Session 13, opt-in: a scan decided by the additive family is hardened too (its signal and the companion blend).
 ADDITIVE_HARDENED: dict[str, Any] = {
-    **DEFAULT_GATE_SANITIZE,
-    "unlearn": {**DEFAULT_GATE_SANITIZE["unlearn"], "harden_families": ["mask", "additive"]},
+    **SESSION12_GATE_SANITIZE,
+    "unlearn": {**SESSION12_GATE_SANITIZE["unlearn"], "harden_families": ["mask", "additive"]},
 }
 # The default detection with the additive family searched first: it decides wherever it fires (on the
 # development zoo's Blended victims, which the mask family decides by default) - a measurement device.
@@ -142,10 +149,12 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # gate removes without it. Its settings are the default gate's since (bench/results/trial099-s12).
     "tbar-unlearn-agnostic-trial099": {
         "detect": {"differential": DEFAULT_DETECT},
-        "sanitize": DEFAULT_GATE_SANITIZE,
+        "sanitize": SESSION12_GATE_SANITIZE,
     },
-    # session 13, measurement: the default gate that also hardens a scan decided by the additive family
-    # (sanitize.unlearn.harden_families [mask, additive]: the scan's signal and the companion blend)
+    # session 13, measured, not adopted: the default gate that also hardens a scan decided by the additive
+    # family (sanitize.unlearn.harden_families [mask, additive]: the scan's signal and the companion blend);
+    # better on the development zoo's Blended victims, worse on the test zoo's GTSRB SIG victims
+    # (bench/results/additive-s13, README "hardening an additive scan")
     "tbar-unlearn-agnostic-additive": {
         "detect": {"differential": DEFAULT_DETECT},
         "sanitize": ADDITIVE_HARDENED,
@@ -153,7 +162,7 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # session 13, measurement pair: the additive family searched first, without and with its hardening
     "tbar-unlearn-agnostic-signal-first": {
         "detect": {"differential": SIGNAL_FIRST_DETECT},
-        "sanitize": DEFAULT_GATE_SANITIZE,
+        "sanitize": SESSION12_GATE_SANITIZE,
     },
     "tbar-unlearn-agnostic-signal-first-hardened": {
         "detect": {"differential": SIGNAL_FIRST_DETECT},

@@ -49,6 +49,9 @@ class AlphaPolicy(_Section):
     select: Literal["lowest-asr", "best-ca"] = "lowest-asr"
     asr_tolerance: float = Field(0.01, ge=0, le=1)
     extend_inverted: bool = True
+    # with extend_inverted: the coarse search goes on past the first zero-ASR α while the extension could
+    # take the next one (session 13: before, it stopped there and the extension had nothing to move to)
+    extend_past_zero: bool = True
 
     @model_validator(mode="after")
     def _range_not_empty(self) -> AlphaPolicy:
@@ -311,6 +314,8 @@ sanitize:
     extend_inverted: true  # gate (inverted trigger): then go on to larger alphas while validation CA stays
                            # within one standard error of the chosen alpha's (and ASR within the tolerance,
                            # under the ceiling): an inverted trigger's ASR floors before the real one's
+    extend_past_zero: true # with extend_inverted: the coarse search goes on past the first alpha whose ASR is
+                           # 0 while the extension could take the next one (false: it stops there)
   reemergence:           # after a removal: fine-tune the sanitized model on clean images, measure ASR again
     enabled: true          # repair images: forget-split images the forget set did not use (test split never)
     images: 1000           # clean images (true labels), cross-entropy through the frozen zero-shot head

@@ -247,7 +247,10 @@ def search_alpha(
     ca_noise: float | None = None,
 ) -> AlphaChoice:
     """Coarse-to-fine α search (see the module docstring). ``measure(α) -> (CA, ASR)`` on val.
-    ``ca_noise``: extend the choice by :func:`extend_choice` (the gate's inverted triggers)."""
+    ``ca_noise``: extend the choice by :func:`extend_choice` (the gate's inverted triggers); with
+    ``alpha.extend_past_zero`` the coarse search then goes on past the first α whose ASR is 0 while
+    the extension could take the next α, instead of stopping there (a stop left the extension nothing
+    to move to: development zoo gtsrb-sig-t6-s5, validation ASR 0 at α 1.0, true-trigger ASR 49%)."""
     floor = accept.ca_floor * ca_reference
     points: dict[float, SweepPoint] = {}
 
@@ -260,12 +263,26 @@ def search_alpha(
     coarse = _grid(alpha.min, alpha.max, alpha.coarse_step)
     budget = len(coarse) + max(0, int(round(alpha.coarse_step / alpha.fine_step)) - 1)
     infeasible_run = 0
+    zero: SweepPoint | None = None  # the first feasible coarse point with ASR 0 (extend_past_zero)
     for a in coarse:
         p = at(a)
         if progress:
             progress("alpha search", len(points), budget)
+        if zero is not None:
+            # past a zero-ASR point only while extend_choice could still take this α (so it sees the plateau)
+            assert ca_noise is not None
+            if not (
+                p.feasible
+                and p.attack_success_rate <= alpha.asr_tolerance
+                and p.clean_accuracy >= zero.clean_accuracy - ca_noise
+            ):
+                break
+            continue
         if p.feasible and p.attack_success_rate == 0.0:
-            break
+            if ca_noise is None or not alpha.extend_past_zero:
+                break
+            zero = p
+            continue
         infeasible_run = 0 if p.feasible else infeasible_run + 1
         if infeasible_run >= 2:
             break

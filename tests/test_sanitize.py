@@ -550,3 +550,30 @@ def test_reference_ceilings_decide_the_verdict_not_alpha(
     assert removal_json(high)["asr_ceilings"]["test_ceiling"] == 1.0 and removal_json(plain)["asr_ceilings"] is None
     for name, value in theta.items():  # the classifier is θ_b again
         assert torch.equal(visual_state(p.clf)[name], value), name
+
+
+def test_extension_sees_past_an_alpha_whose_asr_is_zero() -> None:
+    """An inverted trigger's validation ASR reaches exactly 0 at α 1.0 and CA stays flat to α 2.0, then
+    falls. The coarse search used to stop at the first zero (nothing above it measured, so nothing to
+    extend to); with extend_past_zero it goes on while the extension could take the next α."""
+
+    def curve() -> Curve:
+        return Curve(lambda a: 0.8 if a <= 2.0 else 0.8 - 0.05 * (a - 2.0), lambda a: max(0.0, 1.0 - a))
+
+    stopped = curve()
+    old = search_alpha(stopped, 0.8, ACCEPT, AlphaPolicy(asr_tolerance=0.0, extend_past_zero=False), ca_noise=0.01)
+    assert old.alpha == 1.0 and old.extended_from is None and max(stopped.calls) == 1.0
+    going = curve()
+    new = search_alpha(going, 0.8, ACCEPT, ALPHA, ca_noise=0.01)
+    # 1.5 and 2.0 keep CA 0.8 and ASR 0; 2.5 (CA 0.775) is below 0.8 - 0.01: the search stops there
+    assert new.alpha == 2.0 and new.extended_from == 1.0, new
+    assert max(going.calls) == 2.5 and 3.0 not in going.calls
+    # without ca_noise (a known trigger: no extension) the search still stops at the first zero
+    known = curve()
+    assert search_alpha(known, 0.8, ACCEPT, ALPHA).alpha == 1.0 and max(known.calls) == 1.0
+
+
+def test_extend_past_zero_policy() -> None:
+    assert Policy().sanitize.alpha.extend_past_zero is True
+    off = policy_from_dict({"sanitize": {"alpha": {"extend_past_zero": False}}})
+    assert off.sanitize.alpha.extend_past_zero is False
