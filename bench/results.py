@@ -23,6 +23,8 @@ DEFENCE_LABELS = {
     "tbar-unlearn-agnostic-additive": "TBAR agnostic, the default gate that also hardens an additive-family scan (its signal + the companion blend)",
     "tbar-unlearn-agnostic-signal-first": "TBAR agnostic, the additive family searched first (decides where it fires), not hardened",
     "tbar-unlearn-agnostic-signal-first-hardened": "TBAR agnostic, the additive family searched first, hardened (its signal + the companion blend)",
+    "tbar-unlearn-agnostic-relative": "TBAR agnostic, the default gate under its session-14 measurement name (additive family's relative rule, 0.2 x)",
+    "tbar-unlearn-agnostic-s13": "TBAR agnostic, the default gate of session 13 (no relative rule)",
     "clean-ft-1x": "clean fine-tune, N = forget size",
     "clean-ft-10x": "clean fine-tune, N = 10x forget size",
     "grad-ascent": "gradient ascent on the forget set",
@@ -39,6 +41,8 @@ AGNOSTIC_TBAR = (
     "tbar-unlearn-agnostic-additive",
     "tbar-unlearn-agnostic-signal-first",
     "tbar-unlearn-agnostic-signal-first-hardened",
+    "tbar-unlearn-agnostic-relative",
+    "tbar-unlearn-agnostic-s13",
 )
 TBAR = KNOWN_TBAR + AGNOSTIC_TBAR
 REMOVALS = (
@@ -412,8 +416,18 @@ def detection_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) 
             "flagged",
         ),
         (
-            "differential, the default rule (gate of tbar-unlearn-agnostic: [mask, additive], mask < 0.6 x median; reference = base model)",
+            "differential, the default rule (gate of tbar-unlearn-agnostic: [mask, additive], mask < 0.6 x median, additive < 0.45 x or relative < 0.2 x; reference = base model)",
             "tbar-unlearn-agnostic",
+            "flagged",
+        ),
+        (
+            "differential, the default rule under its measurement name (gate of tbar-unlearn-agnostic-relative)",
+            "tbar-unlearn-agnostic-relative",
+            "flagged",
+        ),
+        (
+            "differential, session 13's default rule, no relative rule (gate of tbar-unlearn-agnostic-s13)",
+            "tbar-unlearn-agnostic-s13",
             "flagged",
         ),
         (

@@ -48,14 +48,23 @@ AGNOSTIC_METHODS = {
     "tbar-unlearn-agnostic-additive": "unlearn",
     "tbar-unlearn-agnostic-signal-first": "unlearn",
     "tbar-unlearn-agnostic-signal-first-hardened": "unlearn",
+    "tbar-unlearn-agnostic-relative": "unlearn",
+    "tbar-unlearn-agnostic-s13": "unlearn",
 }
 # the separable additive family scored at equal effect (the amplitude at which the optimised signal sends
 # 90% of held-out images to the class); rule fixed on the development zoo (bench/zoo-dev.yaml): smallest
 # amplitude < 0.45 x the median. Spelled out (not left to the product defaults): part of the record keys.
-SIGNAL_FAMILY: dict[str, Any] = {"shape": "separable", "equal_effect": 0.9, "z_threshold": None, "ratio": 0.45}
-# The detection rule of the default policy since session 7 (families [mask, additive], mask family:
+# The relative rule (session 14) is spelled off here: the variants that name this family were measured before it.
+SIGNAL_FAMILY: dict[str, Any] = {
+    "shape": "separable",
+    "equal_effect": 0.9,
+    "z_threshold": None,
+    "ratio": 0.45,
+    "relative_ratio": None,
+}
+# The detection rule of the default policy in sessions 7-13 (families [mask, additive], mask family:
 # smallest mask < 0.6 x the median, z off), and the one before it (mask only, z < -2.5 or < 0.5 x).
-DEFAULT_DETECT: dict[str, Any] = {
+SESSION13_DETECT: dict[str, Any] = {
     "families": ["mask", "additive"],
     "search_all": False,
     "z_threshold": None,
@@ -64,6 +73,16 @@ DEFAULT_DETECT: dict[str, Any] = {
     "additive": SIGNAL_FAMILY,
 }
 SESSION5_MASK_RULE: dict[str, Any] = {"z_threshold": -2.5, "area_ratio": 0.5, "max_transfer": 0.25}
+# Since session 14 the additive family's relative rule too (detect.differential.additive.relative_ratio): where
+# the plain rule did not fire, a class whose amplitude on the candidate over the amplitude the same search needs
+# on the reference itself is below this x the median quotient is flagged. Fixed on the development zoo
+# (bench/results/relative-s14/dev-scores.md). Sessions 7-13 ran SESSION13_DETECT.
+RELATIVE_RATIO = 0.2
+DEFAULT_DETECT: dict[str, Any] = {
+    **SESSION13_DETECT,
+    "additive": {**SIGNAL_FAMILY, "relative_ratio": RELATIVE_RATIO},
+}
+RELATIVE_DETECT = DEFAULT_DETECT  # the name the rule was measured under on the development zoo
 # Agnostic defences: what differs from the zoo policy, spelled out (part of their record key, so a
 # change of the product defaults never passes a cached record off as the new default's).
 # The default gate's re-inversion rounds' own rule (sessions 7 and 8).
@@ -93,7 +112,7 @@ ADDITIVE_HARDENED: dict[str, Any] = {
 }
 # The default detection with the additive family searched first: it decides wherever it fires (on the
 # development zoo's Blended victims, which the mask family decides by default) - a measurement device.
-SIGNAL_FIRST_DETECT: dict[str, Any] = {**DEFAULT_DETECT, "families": ["additive", "mask"]}
+SIGNAL_FIRST_DETECT: dict[str, Any] = {**SESSION13_DETECT, "families": ["additive", "mask"]}
 AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # the first agnostic gate (anchored TBAR on the scan's trigger), with session 5's detection rule
     "tbar-agnostic": {
@@ -127,13 +146,13 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # the default gate before α was extended (session 7's removal; the scan stops at the first family
     # that fired, which changes neither verdict nor trigger)
     "tbar-unlearn-agnostic-s7": {
-        "detect": {"differential": DEFAULT_DETECT},
+        "detect": {"differential": SESSION13_DETECT},
         "sanitize": {"unlearn": REINVERT_RULE, **BEFORE_EXTEND},
     },
     # session 9, opt-in: the default gate whose verdict's ASR ceiling is raised to the clean reference
     # model's rate under the same inverted trigger (accept.reference_rate_ceiling)
     "tbar-unlearn-agnostic-refceil": {
-        "detect": {"differential": DEFAULT_DETECT},
+        "detect": {"differential": SESSION13_DETECT},
         "sanitize": SESSION11_GATE_SANITIZE,
         "accept": {"reference_rate_ceiling": True},
     },
@@ -141,14 +160,14 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # 0.99 x the sampled classes' median strength (default 0.7 x; the scan is the default's, since
     # detect.differential.blend is read only by the companion when the blend family is not searched)
     "tbar-unlearn-agnostic-blend099": {
-        "detect": {"differential": {**DEFAULT_DETECT, "blend": {"ratio": 0.99}}},
+        "detect": {"differential": {**SESSION13_DETECT, "blend": {"ratio": 0.99}}},
         "sanitize": SESSION11_GATE_SANITIZE,
     },
     # session 12, measured on the development zoo then adopted: the gate whose companion blend joins on
     # trial below 0.99 x the median (outright below 0.7 x); when the removal with it misses the policy, the
     # gate removes without it. Its settings are the default gate's since (bench/results/trial099-s12).
     "tbar-unlearn-agnostic-trial099": {
-        "detect": {"differential": DEFAULT_DETECT},
+        "detect": {"differential": SESSION13_DETECT},
         "sanitize": SESSION12_GATE_SANITIZE,
     },
     # session 13, measured, not adopted: the default gate that also hardens a scan decided by the additive
@@ -156,7 +175,7 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # better on the development zoo's Blended victims, worse on the test zoo's GTSRB SIG victims
     # (bench/results/additive-s13, README "hardening an additive scan")
     "tbar-unlearn-agnostic-additive": {
-        "detect": {"differential": DEFAULT_DETECT},
+        "detect": {"differential": SESSION13_DETECT},
         "sanitize": ADDITIVE_HARDENED,
     },
     # session 13, measurement pair: the additive family searched first, without and with its hardening
@@ -167,6 +186,17 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     "tbar-unlearn-agnostic-signal-first-hardened": {
         "detect": {"differential": SIGNAL_FIRST_DETECT},
         "sanitize": ADDITIVE_HARDENED,
+    },
+    # session 14, measured on the development zoo then adopted: the default gate with the additive family's
+    # relative rule (RELATIVE_DETECT: the default since, so this is the default gate under its measurement name)
+    "tbar-unlearn-agnostic-relative": {
+        "detect": {"differential": RELATIVE_DETECT},
+        "sanitize": DEFAULT_GATE_SANITIZE,
+    },
+    # the default gate of session 13 (no relative rule), to pair with the default on the same zoo
+    "tbar-unlearn-agnostic-s13": {
+        "detect": {"differential": SESSION13_DETECT},
+        "sanitize": DEFAULT_GATE_SANITIZE,
     },
 }
 KNOWN = tuple(KNOWN_METHODS)
@@ -196,7 +226,13 @@ SCANS: dict[str, dict[str, Any]] = {
         "detect": {
             "differential": {
                 "families": ["additive"],
-                "additive": {"shape": "full", "equal_effect": None, "z_threshold": None, "ratio": 0.7},
+                "additive": {
+                    "shape": "full",
+                    "equal_effect": None,
+                    "z_threshold": None,
+                    "ratio": 0.7,
+                    "relative_ratio": None,
+                },
             }
         }
     },
@@ -205,7 +241,13 @@ SCANS: dict[str, dict[str, Any]] = {
         "detect": {
             "differential": {
                 "families": ["additive"],
-                "additive": {"shape": "separable", "equal_effect": None, "z_threshold": None, "ratio": 0.7},
+                "additive": {
+                    "shape": "separable",
+                    "equal_effect": None,
+                    "z_threshold": None,
+                    "ratio": 0.7,
+                    "relative_ratio": None,
+                },
             }
         }
     },
@@ -630,6 +672,10 @@ def _families_record(det: dict[str, Any], v: VictimSpec) -> dict[str, Any]:
             "hit_asr": f.get("hit_asr"),
             "hit_reference_asr": f.get("hit_reference_asr"),
             "seconds": f["seconds"],
+            # the additive family's relative rule (absent/None when off, without a reference, or not evaluated)
+            "relative": None
+            if not f.get("relative")
+            else {k: f["relative"][k] for k in ("flagged", "ratio_rule_fired", "target", "ratio", "seconds")},
         }
         for name, f in det.get("families", {}).items()
     }

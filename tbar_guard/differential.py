@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -111,6 +111,26 @@ class DifferentialResult:
     seconds: float
     family: str = "mask"  # which trigger family produced this result ("mask", "blend" or "additive")
     additive: torch.Tensor | None = None  # additive family: the perturbation [3, H, W] the trigger adds
+    relative: RelativeDecision | None = None  # additive family with relative_ratio and a reference
+
+
+@dataclass(frozen=True)
+class RelativeDecision:
+    """The additive family's second rule: each class's amplitude on the candidate over the amplitude
+    the same search needs on the clean reference itself (how cheap the class is on the model the
+    candidate came from). A class that every model of the task reaches cheaply (CIFAR-10's trucks)
+    keeps a quotient near the others'; a class only the candidate reaches cheaply stands out."""
+
+    reference_scores: tuple[float, ...]  # per searched class, the reference's own amplitude
+    target: int  # the class with the smallest working quotient
+    quotient: float  # its amplitude on the candidate / on the reference
+    median_quotient: float
+    ratio: float  # quotient / median quotient
+    threshold: float
+    fired: bool  # the ratio rule alone (before the transfer check)
+    flagged: bool  # fired and (with max_transfer) specific to the candidate
+    explanation: str
+    seconds: float
 
 
 def _freeze(module: nn.Module) -> list[bool]:
@@ -305,6 +325,7 @@ def decide(
     what: str,
     max_transfer: float | None = None,
     min_share: float = 0.5,
+    as_share: bool = True,
 ) -> tuple[int, float, float, bool, str]:
     """(index into ``per_target`` of the smallest score, median score, robust z, flagged, explanation).
 
@@ -314,7 +335,8 @@ def decide(
     The smallest score is anomalous when its robust z-score among all classes is below
     ``z_threshold`` (None: never) or it is below ``ratio_threshold`` × the median (0: never). With
     ``max_transfer`` and a reference, an anomalous class is flagged only when its trigger is
-    specific to the candidate: :func:`transfer_ratio` ≤ ``max_transfer``."""
+    specific to the candidate: :func:`transfer_ratio` ≤ ``max_transfer``. ``as_share``: the scores are
+    shares of something (written as percentages); otherwise plain numbers."""
     scores = torch.tensor([t.area for t in per_target])
     working = torch.tensor([t.effect()[1] >= min_share for t in per_target])
     pool = scores.masked_fill(~working, math.inf) if bool(working.any()) else scores
@@ -328,9 +350,13 @@ def decide(
         if z_threshold is None
         else f"robust z {z:.2f} {'<' if by_z else '>='} {z_threshold}"
     )
+
+    def num(v: float) -> str:
+        return f"{100 * v:.1f}%" if as_share else f"{v:.2f}"
+
     explanation = (
-        f"class {per_target[best].target} needs a {what} of {100 * per_target[best].area:.1f}% vs a median of "
-        f"{100 * median:.1f}% over {len(per_target)} classes ({z_part}; "
+        f"class {per_target[best].target} needs a {what} of {num(per_target[best].area)} vs a median of "
+        f"{num(median)} over {len(per_target)} classes ({z_part}; "
         f"{ratio:.2f} x the median {'<' if by_ratio else '>='} {ratio_threshold:g})"
     )
     anomalous = by_z or by_ratio
@@ -470,6 +496,9 @@ class AdditiveConfig:
     targets_per_chunk: int = 11
     seed: int = 0
     max_seconds: float | None = None
+    # with a reference: also flag when the smallest per-class quotient (amplitude on the candidate / the
+    # amplitude the same search needs on the reference itself) is below this x the median quotient (None: off)
+    relative_ratio: float | None = 0.2
 
 
 def _directions(raw: torch.Tensor, size: int, shape: Literal["full", "separable"] = "full") -> torch.Tensor:
@@ -508,34 +537,44 @@ def invert_additive_per_target(
         return (x[None] + eps.view(-1, 1, 1, 1, 1) * _directions(raw, size, config.shape)[:, None]).clamp(0, 1)
 
     cells = config.pattern_cells or size
-
+    family = _GlobalFamily(
+        config.steps,
+        config.batch_size,
+        config.lr,
+        (2, size) if config.shape == "separable" else (cells, cells),
+        config.amplitude_weight,
+        config.reference_weight,
+        config.targets_per_chunk,
+        config.seed + 7927,
+        config.max_seconds,
+        lambda raw: config.max_amplitude * torch.sigmoid(raw),
+        stamp,
+        config.equal_effect,
+        config.max_amplitude,
+    )
+    relative = reference is not None and config.relative_ratio is not None
     run = _invert_global(
-        classify,
-        shadow,
-        heldout,
-        n_classes,
-        _GlobalFamily(
-            config.steps,
-            config.batch_size,
-            config.lr,
-            (2, size) if config.shape == "separable" else (cells, cells),
-            config.amplitude_weight,
-            config.reference_weight,
-            config.targets_per_chunk,
-            config.seed + 7927,
-            config.max_seconds,
-            lambda raw: config.max_amplitude * torch.sigmoid(raw),
-            stamp,
-            config.equal_effect,
-            config.max_amplitude,
-        ),
-        reference,
-        progress,
+        classify, shadow, heldout, n_classes, family, reference, _part(progress, 0, 2 if relative else 1)
     )
     pt = run.per_target
     best, median, z, flagged, explanation = decide(
         pt, config.z_threshold, config.ratio, _additive_words(config), config.max_transfer
     )
+    rel: RelativeDecision | None = None
+    if relative and flagged:
+        # the plain rule fired: the relative rule could change neither the verdict nor the class
+        explanation += "; the relative rule was not evaluated (the plain rule fired)"
+        if progress is not None:
+            progress(2 * run.steps, 2 * run.steps)
+    elif relative:
+        assert reference is not None and config.relative_ratio is not None
+        # the same search on the reference itself (no KL term: its own cheapest signals are the point)
+        ref_run = _invert_global(reference, shadow, heldout, n_classes, family, None, _part(progress, 1, 2))
+        ref_scores = tuple(float(v) for v in ref_run.scores)
+        rel, rel_best = relative_decision(pt, ref_scores, config.relative_ratio, config.max_transfer, ref_run.seconds)
+        explanation += f"; relative to the reference: {rel.explanation}"
+        if rel.flagged and not flagged:
+            best, flagged = rel_best, True  # the relative rule alone fired: its class decides
     eps = float(run.scores[best])
     direction = _directions(run.raw_patterns[best : best + 1], size, config.shape)[0].cpu()
     return DifferentialResult(
@@ -548,10 +587,62 @@ def invert_additive_per_target(
         z,
         flagged,
         explanation,
-        run.steps,
-        run.seconds,
+        run.steps + (0 if rel is None else ref_run.steps),
+        run.seconds + (0.0 if rel is None else rel.seconds),
         "additive",
         additive=eps * direction,
+        relative=rel,
+    )
+
+
+def _part(progress: Progress | None, index: int, parts: int) -> Progress | None:
+    """``progress`` for the ``index``-th of ``parts`` equal runs reported as one."""
+    if progress is None or parts == 1:
+        return progress
+    sink = progress
+
+    def update(done: int, total: int) -> None:
+        sink(index * total + done, parts * total)
+
+    return update
+
+
+def relative_decision(
+    per_target: tuple[TargetTrigger, ...],
+    ref_scores: tuple[float, ...],
+    threshold: float,
+    max_transfer: float | None,
+    seconds: float = 0.0,
+) -> tuple[RelativeDecision, int]:
+    """(the relative rule's decision, index into ``per_target`` of its class): :func:`decide` over the
+    quotients score on the candidate / ``ref_scores`` (the same search's score on the reference), with
+    the candidate's own held-out effect and transfer (only working triggers compete; the transfer check
+    as for the plain rule). ``seconds``: what the reference's search took."""
+    quotients = tuple(replace(t, area=t.area / max(r, 1e-6)) for t, r in zip(per_target, ref_scores, strict=True))
+    best, median, _, flagged, explanation = decide(
+        quotients,
+        None,
+        threshold,
+        "quotient (amplitude on the candidate / on the reference)",
+        max_transfer,
+        as_share=False,
+    )
+    quotient = quotients[best].area
+    ratio = quotient / max(median, 1e-12)
+    return (
+        RelativeDecision(
+            ref_scores,
+            per_target[best].target,
+            quotient,
+            median,
+            ratio,
+            threshold,
+            ratio < threshold,
+            flagged,
+            explanation,
+            seconds,
+        ),
+        best,
     )
 
 

@@ -30,6 +30,7 @@ from tbar_guard.differential import (
     BlendConfig,
     DifferentialConfig,
     DifferentialResult,
+    RelativeDecision,
     invert_additive_per_target,
     invert_blend_per_target,
     invert_per_target,
@@ -141,6 +142,7 @@ def additive_config(policy: Policy) -> AdditiveConfig:
         targets_per_chunk=o.targets_per_chunk,
         seed=policy.seed,
         max_seconds=d.max_seconds,
+        relative_ratio=a.relative_ratio,
     )
 
 
@@ -234,6 +236,8 @@ def _family_json(r: DifferentialResult, z_threshold: float | None, ratio_thresho
         "hit_reference_asr": None if math.isnan(hit_reference_asr) else hit_reference_asr,
         "steps": r.steps,
         "seconds": r.seconds,
+        # the additive family's relative rule (null when off or without a reference)
+        "relative": None if r.relative is None else _relative_json(r.relative),
         "per_class": [
             {
                 "index": t.target,
@@ -243,6 +247,21 @@ def _family_json(r: DifferentialResult, z_threshold: float | None, ratio_thresho
             }
             for t in r.per_target
         ],
+    }
+
+
+def _relative_json(rel: RelativeDecision) -> dict[str, Any]:
+    return {
+        "flagged": rel.flagged,
+        "ratio_rule_fired": rel.fired,
+        "target": rel.target,
+        "quotient": rel.quotient,
+        "median_quotient": rel.median_quotient,
+        "ratio": rel.ratio,
+        "ratio_threshold": rel.threshold,
+        "explanation": rel.explanation,
+        "reference_scores": list(rel.reference_scores),
+        "seconds": rel.seconds,
     }
 
 

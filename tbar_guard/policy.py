@@ -162,6 +162,7 @@ class AdditiveFamilyPolicy(_Section):
     max_amplitude: float = Field(0.5, gt=0, le=1)
     z_threshold: float | None = Field(None, lt=0)
     ratio: float = Field(0.45, ge=0, lt=1)
+    relative_ratio: float | None = Field(0.2, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _some_rule(self) -> AdditiveFamilyPolicy:
@@ -384,6 +385,10 @@ detect:                  # trigger inversion (scan, gate)
       max_amplitude: 0.5     # eps = max_amplitude * sigmoid(raw): the largest L-inf amplitude searched
       z_threshold: null      # flag when the smallest per-class amplitude has a robust z-score below this (null = off)
       ratio: 0.45            # ... or is smaller than this fraction of the median amplitude (0 = off)
+      relative_ratio: 0.2    # with a reference model, where the rule above did not fire: also flag when the
+                             # smallest quotient amplitude on the candidate / amplitude the same search needs
+                             # on the reference itself is below this x the median quotient (one more search,
+                             # on the reference; null = off); fixed on the development zoo (README "Detection")
   decree:
     steps: 300           # optimisation steps (batches); the paper runs up to 1000 epochs
     rule: calibrated     # calibrated: compare PL1 with the references; paper: PL1 < paper_threshold

@@ -207,6 +207,14 @@ def _families_md(families: Any, not_run: Any = None) -> list[str]:
             f"{_pct(f.get('target_reference_asr'))} | {'–' if transfer is None else f'{transfer:.2f}'} | "
             f"{f['seconds']:.0f} |"
         )
+    for name, f in families.items():
+        rel = f.get("relative")
+        if isinstance(rel, dict):
+            lines += [
+                "",
+                f"{name}, relative to the reference ({'fired' if rel['flagged'] else 'did not fire'}): "
+                f"{rel['explanation']}",
+            ]
     if not_run:
         lines += [
             "",

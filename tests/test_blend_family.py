@@ -26,10 +26,11 @@ from tbar_guard.differential import (
     decide,
     invert_additive_per_target,
     invert_blend_per_target,
+    relative_decision,
     transfer_ratio,
 )
 from tbar_guard.errors import PolicyError
-from tbar_guard.gate import additive_config, blend_config, deciding_family, gate, run_differential
+from tbar_guard.gate import additive_config, blend_config, deciding_family, gate, run_differential, scan
 from tbar_guard.policy import Policy, policy_from_dict
 from tbar_guard.zoo import finetune_victim
 
@@ -154,6 +155,41 @@ def test_transfer_check_vetoes_a_trigger_that_moves_the_reference() -> None:
         policy_from_dict({"detect": {"differential": {"max_transfer": 0}}})
 
 
+def test_relative_rule_finds_a_class_cheap_only_on_the_candidate() -> None:
+    # class 9 is cheap on every model of the task (the reference reaches it at 0.05); class 3 is cheap
+    # only on the candidate (the reference needs the largest amplitude searched): the plain rule sees
+    # class 9 at 0.62 x the median and stays silent, the quotients single out class 3
+    candidate = [0.20, 0.19, 0.21, 0.13, 0.22, 0.20, 0.21, 0.19, 0.22, 0.12]
+    reference = [0.10, 0.09, 0.11, 0.50, 0.12, 0.10, 0.10, 0.09, 0.11, 0.05]
+    pt = _scores(candidate)
+    best, _, _, flagged, _ = decide(pt, None, 0.45, "additive amplitude")
+    assert (best, flagged) == (9, False)
+    rel, index = relative_decision(pt, tuple(reference), 0.2, None)
+    assert (index, rel.target, rel.flagged, rel.fired) == (3, 3, True, True)
+    assert rel.quotient == pytest.approx(0.13 / 0.50)
+    assert rel.median_quotient == pytest.approx(2.0)  # the lower middle of the ten quotients (1.9 .. 2.4)
+    assert rel.ratio == pytest.approx(0.26 / 2.0) and rel.threshold == 0.2
+    assert "quotient (amplitude on the candidate / on the reference) of 0.26 vs a median of 2.00" in rel.explanation
+    # the same class when the reference reaches it as cheaply as the others: nothing stands out
+    rel, _ = relative_decision(pt, tuple(0.1 for _ in reference), 0.2, None)
+    assert not rel.flagged and rel.target == 9
+    # the transfer check applies to the relative rule's class as to the plain rule's
+    moving = tuple(TargetTrigger(i, v, 0.95, 0.6 if i == 3 else 0.0) for i, v in enumerate(candidate))
+    rel, _ = relative_decision(moving, tuple(reference), 0.2, 0.25)
+    assert rel.fired and not rel.flagged and "adversarial patch" in rel.explanation
+
+
+def test_relative_ratio_default_and_validation() -> None:
+    assert Policy().detect.differential.additive.relative_ratio == 0.2  # fixed on the development zoo
+    assert AdditiveConfig().relative_ratio == 0.2
+    assert additive_config(Policy()).relative_ratio == 0.2
+    p = policy_from_dict({"detect": {"differential": {"additive": {"relative_ratio": None}}}})
+    assert additive_config(p).relative_ratio is None
+    for bad in (0, 1, -0.1, "low"):
+        with pytest.raises(PolicyError, match="relative_ratio"):
+            policy_from_dict({"detect": {"differential": {"additive": {"relative_ratio": bad}}}})
+
+
 # --- inversion on real tiny CLIPs ----------------------------------------------------------------
 
 
@@ -187,6 +223,67 @@ def test_additive_trigger_adds_a_signal(foundation: ClipBundle, splits) -> None:
     assert torch.allclose(trig.apply(x), torch.round((x + r.additive).clamp(0, 1) * 255) / 255, atol=1e-6)
     for t in r.per_target:  # each trigger's own class and the class it actually hits
         assert 0 <= t.hit < 10 and t.hit_asr >= t.asr - 1e-9
+
+
+def test_relative_rule_searches_the_reference_too(foundation: ClipBundle, badnet_victim: ClipBundle, splits) -> None:  # type: ignore[no-untyped-def]
+    clf, ref = classifier_for(badnet_victim), classifier_for(foundation)
+    shadow, held = splits.forget.pixels()[:32], splits.val.pixels()[:64]
+    # ratio 0: the plain rule never fires, so the relative rule is evaluated
+    config = AdditiveConfig(steps=3, batch_size=8, max_amplitude=0.4, ratio=0.0, relative_ratio=0.3)
+    seen: list[tuple[int, int]] = []
+    r = invert_additive_per_target(clf, shadow, held, 10, config, ref, lambda d, t: seen.append((d, t)))
+    assert r.relative is not None and len(r.relative.reference_scores) == 10
+    assert all(0 < v <= 0.4 + 1e-6 for v in r.relative.reference_scores)  # float32 scores
+    i = [t.target for t in r.per_target].index(r.relative.target)
+    assert r.relative.quotient == pytest.approx(r.per_target[i].area / r.relative.reference_scores[i])
+    assert r.steps == 6 and "relative to the reference" in r.explanation  # one search on each model
+    assert [d for d, _ in seen] == list(range(1, 7)) and {t for _, t in seen} == {6}  # one bar, never backwards
+    # without the rule, or without a reference, the reference is not searched
+    alone = invert_additive_per_target(clf, shadow, held, 10, config)
+    assert alone.relative is None and alone.steps == 3
+    off = invert_additive_per_target(
+        clf,
+        shadow,
+        held,
+        10,
+        AdditiveConfig(steps=3, batch_size=8, max_amplitude=0.4, ratio=0.0, relative_ratio=None),
+        ref,
+    )
+    assert off.relative is None and off.steps == 3
+    assert [t.area for t in off.per_target] == [t.area for t in r.per_target]  # the candidate's search is unchanged
+    # when the plain rule fires (ratio 0.999 on the optimiser's own, untied amplitudes) the reference is not searched
+    fires = AdditiveConfig(steps=3, batch_size=8, max_amplitude=0.4, equal_effect=None, ratio=0.999, relative_ratio=0.3)
+    seen.clear()
+    fired = invert_additive_per_target(clf, shadow, held, 10, fires, ref, lambda d, t: seen.append((d, t)))
+    assert fired.flagged and fired.relative is None and fired.steps == 3, fired.explanation
+    assert "the relative rule was not evaluated (the plain rule fired)" in fired.explanation
+    assert seen[-1] == (6, 6)  # the bar still ends full
+
+
+def test_scan_report_carries_the_relative_rule(
+    foundation: ClipBundle, victim_dir: Path, test_npz: Path, tmp_path: Path
+) -> None:
+    save_model(tmp_path / "base", foundation)
+    policy = policy_from_dict(
+        {
+            "detect": {
+                "reference_models": [str(tmp_path / "base")],
+                "shadow_images": 32,
+                "differential": {
+                    "families": ["additive"],
+                    "steps": 3,
+                    # the plain rule cannot fire (ratio off, z -99), so the relative rule is evaluated
+                    "additive": {"ratio": 0, "z_threshold": -99, "relative_ratio": 0.3},
+                },
+            }
+        }
+    )
+    r = scan(victim_dir, test_npz, policy, tmp_path / "out").report
+    rel = r["detection"]["families"]["additive"]["relative"]
+    assert rel["ratio_threshold"] == 0.3 and len(rel["reference_scores"]) == 10
+    assert rel["ratio"] == pytest.approx(rel["quotient"] / rel["median_quotient"])
+    markdown = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "additive, relative to the reference (" in markdown and rel["explanation"] in markdown
 
 
 def test_separable_additive_signal_is_a_profile_across_plus_a_profile_down(foundation: ClipBundle, splits) -> None:  # type: ignore[no-untyped-def]
