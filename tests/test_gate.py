@@ -85,6 +85,9 @@ def test_clean_twin_not_flagged_with_reference(twin_scan, victim_scan) -> None: 
     assert set(twin.report["detection"]["families"]) == {"mask", "additive"}  # the default; blend is opt-in
     assert twin.report["detection"]["families_not_run"] == []  # nothing fired: every family searched
     assert twin.report["detection"]["family"] == "mask"
+    # the additive family's relative rule (default 0.2) was evaluated against the base model and did not fire
+    relative = twin.report["detection"]["families"]["additive"]["relative"]
+    assert relative["ratio_threshold"] == 0.2 and not relative["flagged"], relative["explanation"]
     assert any("that the model is clean" in item for item in twin.report["not_established"])
     assert victim.report["established"] and victim.report["not_established"]
     assert victim.report["detection"]["z_score"] < twin.report["detection"]["z_score"]
