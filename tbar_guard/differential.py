@@ -125,12 +125,21 @@ class RelativeDecision:
     target: int  # the class with the smallest working quotient
     quotient: float  # its amplitude on the candidate / on the reference
     median_quotient: float
-    ratio: float  # quotient / median quotient
     threshold: float
-    fired: bool  # the ratio rule alone (before the transfer check)
-    flagged: bool  # fired and (with max_transfer) specific to the candidate
+    flagged: bool  # the ratio rule fired and (with max_transfer) the trigger is specific to the candidate
     explanation: str
+    steps: int  # of the reference's search
     seconds: float
+
+    @property
+    def ratio(self) -> float:
+        """The quotient over the median quotient."""
+        return self.quotient / max(self.median_quotient, 1e-12)
+
+    @property
+    def fired(self) -> bool:
+        """The ratio rule alone (before the transfer check)."""
+        return self.ratio < self.threshold
 
 
 def _freeze(module: nn.Module) -> list[bool]:
@@ -571,7 +580,9 @@ def invert_additive_per_target(
         # the same search on the reference itself (no KL term: its own cheapest signals are the point)
         ref_run = _invert_global(reference, shadow, heldout, n_classes, family, None, _part(progress, 1, 2))
         ref_scores = tuple(float(v) for v in ref_run.scores)
-        rel, rel_best = relative_decision(pt, ref_scores, config.relative_ratio, config.max_transfer, ref_run.seconds)
+        rel, rel_best = relative_decision(
+            pt, ref_scores, config.relative_ratio, config.max_transfer, ref_run.steps, ref_run.seconds
+        )
         explanation += f"; relative to the reference: {rel.explanation}"
         if rel.flagged and not flagged:
             best, flagged = rel_best, True  # the relative rule alone fired: its class decides
@@ -587,7 +598,7 @@ def invert_additive_per_target(
         z,
         flagged,
         explanation,
-        run.steps + (0 if rel is None else ref_run.steps),
+        run.steps + (0 if rel is None else rel.steps),
         run.seconds + (0.0 if rel is None else rel.seconds),
         "additive",
         additive=eps * direction,
@@ -612,12 +623,13 @@ def relative_decision(
     ref_scores: tuple[float, ...],
     threshold: float,
     max_transfer: float | None,
+    steps: int = 0,
     seconds: float = 0.0,
 ) -> tuple[RelativeDecision, int]:
     """(the relative rule's decision, index into ``per_target`` of its class): :func:`decide` over the
     quotients score on the candidate / ``ref_scores`` (the same search's score on the reference), with
     the candidate's own held-out effect and transfer (only working triggers compete; the transfer check
-    as for the plain rule). ``seconds``: what the reference's search took."""
+    as for the plain rule). ``steps``, ``seconds``: what the reference's search took."""
     quotients = tuple(replace(t, area=t.area / max(r, 1e-6)) for t, r in zip(per_target, ref_scores, strict=True))
     best, median, _, flagged, explanation = decide(
         quotients,
@@ -627,23 +639,18 @@ def relative_decision(
         max_transfer,
         as_share=False,
     )
-    quotient = quotients[best].area
-    ratio = quotient / max(median, 1e-12)
-    return (
-        RelativeDecision(
-            ref_scores,
-            per_target[best].target,
-            quotient,
-            median,
-            ratio,
-            threshold,
-            ratio < threshold,
-            flagged,
-            explanation,
-            seconds,
-        ),
-        best,
+    decision = RelativeDecision(
+        ref_scores,
+        per_target[best].target,
+        quotients[best].area,
+        median,
+        threshold,
+        flagged,
+        explanation,
+        steps,
+        seconds,
     )
+    return decision, best
 
 
 @dataclass(frozen=True)
