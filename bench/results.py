@@ -14,6 +14,7 @@ DEFENCE_LABELS = {
     "tbar-known": "TBAR known trigger (anchored)",
     "tbar-plain-known": "TBAR known trigger (plain, paper recipe)",
     "tbar-unlearn-known": "TBAR known trigger (unlearn vector, the default: negate theta_b - theta_unlearned)",
+    "tbar-unlearn-known-extend": "TBAR known trigger (unlearn vector), alpha extended past the ASR floor while validation CA stays within one standard error",
     "tbar-agnostic": "TBAR agnostic (gate: inversion -> anchored TBAR)",
     "tbar-unlearn-agnostic": "TBAR agnostic (gate: inversion -> unlearn vector, the default)",
     "tbar-unlearn-agnostic-mask": "TBAR agnostic, mask trigger + re-inversion rounds only (no companion blend)",
@@ -30,7 +31,7 @@ DEFENCE_LABELS = {
     "grad-ascent": "gradient ascent on the forget set",
     "cleanclip": "CleanCLIP-style (cross-modal + in-modal, augmented)",
 }
-KNOWN_TBAR = ("tbar-known", "tbar-plain-known", "tbar-unlearn-known")
+KNOWN_TBAR = ("tbar-known", "tbar-plain-known", "tbar-unlearn-known", "tbar-unlearn-known-extend")
 AGNOSTIC_TBAR = (
     "tbar-agnostic",
     "tbar-unlearn-agnostic",

@@ -35,7 +35,18 @@ from tbar_guard.task_vector import TaskVector
 Log = Callable[[str], None]
 
 # removal defences -> the policy's sanitize.method they run (names are cache keys: never re-map one)
-KNOWN_METHODS = {"tbar-known": "anchored", "tbar-plain-known": "tbar", "tbar-unlearn-known": "unlearn"}
+KNOWN_METHODS = {
+    "tbar-known": "anchored",
+    "tbar-plain-known": "tbar",
+    "tbar-unlearn-known": "unlearn",
+    "tbar-unlearn-known-extend": "unlearn",
+}
+# Known-trigger defences: what differs from the zoo policy, spelled out (part of their record key).
+# Session 15, measurement: the α of the known trigger's ASR floor extended as the gate's is
+# (sanitize.alpha.extend_known: larger α while validation CA stays within one standard error).
+KNOWN_EXTRA: dict[str, dict[str, Any]] = {
+    "tbar-unlearn-known-extend": {"sanitize": {"alpha": {"extend_known": True, "extend_past_zero": True}}},
+}
 AGNOSTIC_METHODS = {
     "tbar-agnostic": "anchored",
     "tbar-unlearn-agnostic": "unlearn",
@@ -474,7 +485,8 @@ class Runner:
             # ξ costs a second fine-tune: measured for one victim per attack (the first seed), non-plain methods
             first = v.seed == min(x.seed for x in self.spec.victims if x.attack == v.attack)
             xi = defence != "tbar-plain-known" and first
-            policy = self.policy({"sanitize": {"method": method, "disentanglement": {"enabled": xi}}})
+            extra = {"sanitize": {"method": method, "disentanglement": {"enabled": xi}}}
+            policy = self.policy(_deep_update(extra, KNOWN_EXTRA.get(defence, {})))
             r = sanitize(vdir, ctx.data_npz, policy, self.spec.trigger(v.attack), str(v.target), out).report
             return _removal_record(r, r["before"], r["after"])
         if defence in AGNOSTIC_METHODS:
@@ -765,7 +777,7 @@ def true_curve(
 
 def record_path(cache: Path, spec: ZooSpec, v: VictimSpec, defence: str) -> Path:
     """Where the record of ``v`` x ``defence`` is cached: keyed by everything that decides it."""
-    extra = spec.baselines.get(defence) or SCANS.get(defence) or AGNOSTIC_EXTRA.get(defence)
+    extra = spec.baselines.get(defence) or SCANS.get(defence) or AGNOSTIC_EXTRA.get(defence) or KNOWN_EXTRA.get(defence)
     key = key_of([spec.victim_key(v), defence, spec.policy, extra])
     return cache / "records" / f"{v.name}-{defence}-{key}.json"
 

@@ -52,6 +52,9 @@ class AlphaPolicy(_Section):
     # with extend_inverted: the coarse search goes on past the first zero-ASR α while the extension could
     # take the next one (session 13: before, it stopped there and the extension had nothing to move to)
     extend_past_zero: bool = True
+    # the same extension for a known trigger (sanitize with --trigger): its ASR is the real one, but the
+    # backdoor left at the first α of the floor is the one a clean fine-tune brings back (session 15)
+    extend_known: bool = False
 
     @model_validator(mode="after")
     def _range_not_empty(self) -> AlphaPolicy:
@@ -317,6 +320,9 @@ sanitize:
                            # under the ceiling): an inverted trigger's ASR floors before the real one's
     extend_past_zero: true # with extend_inverted: the coarse search goes on past the first alpha whose ASR is
                            # 0 while the extension could take the next one (false: it stops there)
+    extend_known: false    # the same extension (and extend_past_zero) for a known trigger (sanitize): what
+                           # is left of the backdoor at the first alpha of the ASR floor is what a clean
+                           # fine-tune brings back (re-emergence); see README "How removal works"
   reemergence:           # after a removal: fine-tune the sanitized model on clean images, measure ASR again
     enabled: true          # repair images: forget-split images the forget set did not use (test split never)
     images: 1000           # clean images (true labels), cross-entropy through the frozen zero-shot head

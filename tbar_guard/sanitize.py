@@ -416,7 +416,8 @@ def remove_backdoor(
     choose α or to decide the verdict, which rest on ``trigger``). ``learned``: τ already learned
     on this forget set (``build_forget_set`` with the same trigger, target, size and seed) by the
     policy's method — the re-inversion rounds of :mod:`tbar_guard.reinvert` — so it is not learned again.
-    ``inverted``: the trigger was inverted by a scan (gate), so ``sanitize.alpha.extend_inverted`` applies.
+    ``inverted``: the trigger was inverted by a scan (gate), so ``sanitize.alpha.extend_inverted`` applies
+    (``sanitize.alpha.extend_known`` otherwise).
     ``ceilings``: the verdict's ASR ceilings on validation and test (``accept.reference_rate_ceiling``)
     with the reference's rates they come from; the α choice does not use them."""
     theta_b = visual_state(clf)
@@ -463,7 +464,8 @@ def remove_backdoor(
 
     t1 = time.perf_counter()
     ca_noise = None
-    if inverted and policy.sanitize.alpha.extend_inverted:
+    alpha_policy = policy.sanitize.alpha
+    if alpha_policy.extend_inverted if inverted else alpha_policy.extend_known:
         # one standard error of the validation CA estimate (binomial), at the original model's CA
         ca = val_before.clean_accuracy
         ca_noise = math.sqrt(ca * (1 - ca) / max(len(splits.val), 1))

@@ -31,6 +31,7 @@ from tbar_guard.sanitize import (
     SweepPoint,
     _grid,
     choose_best,
+    learn_on_forget_set,
     remove_backdoor,
     search_alpha,
 )
@@ -577,3 +578,52 @@ def test_extend_past_zero_policy() -> None:
     assert Policy().sanitize.alpha.extend_past_zero is True
     off = policy_from_dict({"sanitize": {"alpha": {"extend_past_zero": False}}})
     assert off.sanitize.alpha.extend_past_zero is False
+
+
+def test_extend_known_extends_a_known_trigger_as_the_gate_extends_an_inverted_one(
+    victim_dir: Path, test_npz: Path, badnet_trigger: Trigger
+) -> None:
+    """``sanitize.alpha.extend_known`` gives a known trigger the extension ``extend_inverted`` gives an
+    inverted one: on the same learned vector, known+extend_known chooses exactly what inverted+
+    extend_inverted chooses, and known without it what inverted without extend_inverted chooses. The
+    extension never takes a smaller α, never lowers validation CA by more than one standard error and
+    never raises ASR above the selection's tolerance or the ceiling."""
+    base = {
+        "accept": {"ca_floor": 0.85},
+        "sanitize": {"reemergence": {"enabled": False}, "disentanglement": {"enabled": False}, "forget_size": 200},
+    }
+    assert Policy().sanitize.alpha.extend_known is False  # default off: README "How removal works"
+    policies = {
+        (inv, on): policy_from_dict(
+            {
+                **base,
+                "sanitize": {
+                    **base["sanitize"],
+                    "alpha": {"extend_known": on and not inv, "extend_inverted": on and inv},
+                },
+            }
+        )
+        for inv in (False, True)
+        for on in (False, True)
+    }
+    p = prepare(victim_dir, test_npz, policies[(False, False)], "cpu")
+    learned = learn_on_forget_set(p.clf, p.splits, badnet_trigger, 0, policies[(False, False)])
+
+    def run(inv: bool, on: bool) -> Removal:
+        return remove_backdoor(p.clf, p.splits, badnet_trigger, 0, policies[(inv, on)], learned=learned, inverted=inv)
+
+    known_off, known_on, inv_off, inv_on = run(False, False), run(False, True), run(True, False), run(True, True)
+    assert known_off.choice is not None and known_on.choice is not None
+    assert known_off.choice.extended_from is None
+    assert (known_on.alpha, known_on.choice.extended_from) == (
+        inv_on.alpha,
+        inv_on.choice.extended_from if inv_on.choice else None,
+    )
+    assert known_off.alpha == inv_off.alpha
+    assert known_on.alpha >= known_off.alpha
+    if known_on.choice.extended_from is not None:
+        start = next(q for q in known_on.choice.sweep if q.alpha == known_on.choice.extended_from)
+        ca = known_off.val_before.clean_accuracy
+        noise = (ca * (1 - ca) / len(p.splits.val)) ** 0.5
+        assert known_on.choice.point.clean_accuracy >= start.clean_accuracy - noise - 1e-9
+        assert known_on.choice.point.attack_success_rate <= min(start.attack_success_rate + 0.01, 0.05) + 1e-9
