@@ -15,6 +15,7 @@ DEFENCE_LABELS = {
     "tbar-plain-known": "TBAR known trigger (plain, paper recipe)",
     "tbar-unlearn-known": "TBAR known trigger (unlearn vector, the default: negate theta_b - theta_unlearned)",
     "tbar-unlearn-known-extend": "TBAR known trigger (unlearn vector), alpha extended past the ASR floor while validation CA stays within one standard error",
+    "tbar-unlearn-known-strengths": "TBAR known trigger (unlearn vector), the forget set stamped at 0.5, 1 and 1.5 x the trigger's strength",
     "tbar-agnostic": "TBAR agnostic (gate: inversion -> anchored TBAR)",
     "tbar-unlearn-agnostic": "TBAR agnostic (gate: inversion -> unlearn vector, the default)",
     "tbar-unlearn-agnostic-mask": "TBAR agnostic, mask trigger + re-inversion rounds only (no companion blend)",
@@ -31,7 +32,13 @@ DEFENCE_LABELS = {
     "grad-ascent": "gradient ascent on the forget set",
     "cleanclip": "CleanCLIP-style (cross-modal + in-modal, augmented)",
 }
-KNOWN_TBAR = ("tbar-known", "tbar-plain-known", "tbar-unlearn-known", "tbar-unlearn-known-extend")
+KNOWN_TBAR = (
+    "tbar-known",
+    "tbar-plain-known",
+    "tbar-unlearn-known",
+    "tbar-unlearn-known-extend",
+    "tbar-unlearn-known-strengths",
+)
 AGNOSTIC_TBAR = (
     "tbar-agnostic",
     "tbar-unlearn-agnostic",

@@ -40,12 +40,17 @@ KNOWN_METHODS = {
     "tbar-plain-known": "tbar",
     "tbar-unlearn-known": "unlearn",
     "tbar-unlearn-known-extend": "unlearn",
+    "tbar-unlearn-known-strengths": "unlearn",
 }
 # Known-trigger defences: what differs from the zoo policy, spelled out (part of their record key).
 # Session 15, measurement: the α of the known trigger's ASR floor extended as the gate's is
 # (sanitize.alpha.extend_known: larger α while validation CA stays within one standard error).
 KNOWN_EXTRA: dict[str, dict[str, Any]] = {
     "tbar-unlearn-known-extend": {"sanitize": {"alpha": {"extend_known": True, "extend_past_zero": True}}},
+    # session 15, measurement: the forget set's stamped images at 0.5, 1 and 1.5 x the trigger's strength
+    # (sanitize.unlearn.known_strengths), so that unlearning reaches the backdoor's response to weaker and
+    # stronger versions of its trigger, not only the one it was handed
+    "tbar-unlearn-known-strengths": {"sanitize": {"unlearn": {"known_strengths": [0.5, 1.0, 1.5]}}},
 }
 AGNOSTIC_METHODS = {
     "tbar-agnostic": "anchored",

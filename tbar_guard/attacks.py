@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -240,6 +240,28 @@ class Trigger:
             )
         return cls(None, size, members=tuple(triggers))
 
+    def scaled(self, factor: float) -> Trigger:
+        """The same trigger at ``factor`` x its strength: a mask's opacity (clamped to [0, 1]), an
+        additive signal's amplitude, a warp's displacement; a set scales every member. A random-position
+        patch has no strength to scale (its pattern is pasted), so it is refused."""
+        if factor <= 0:
+            raise UsageError(f"a trigger strength factor must be > 0, got {factor}", hint="use e.g. 0.5 or 1.0")
+        if factor == 1.0:
+            return self
+        if self.members:
+            return replace(self, members=tuple(m.scaled(factor) for m in self.members))
+        if isinstance(self.spec, BadNetSpec) and self.spec.location == "random":
+            raise UsageError(
+                "a random-position BadNet patch cannot be scaled", hint="leave the forget-set strengths at [1.0]"
+            )
+        if self.grid is not None:
+            identity = _identity_grid(self.image_size).to(self.grid.device)
+            return replace(self, grid=(identity + factor * (self.grid - identity)).clamp(-1, 1))
+        if self.additive is not None:
+            return replace(self, additive=self.additive * factor)
+        assert self.mask is not None
+        return replace(self, mask=(self.mask * factor).clamp(0, 1))
+
     @property
     def count(self) -> int:
         """How many triggers this is (a set made by ``from_masks`` or ``set_of`` holds several)."""
@@ -338,15 +360,19 @@ def _blended(spec: BlendedSpec, size: int) -> Trigger:
     return Trigger(spec, size, mask=torch.full((1, size, size), spec.alpha), pattern=target)
 
 
+def _identity_grid(size: int) -> torch.Tensor:
+    """The sampling grid that leaves an image unchanged, [1,H,W,2] in grid_sample's (x, y) order."""
+    axis = torch.linspace(-1, 1, size)
+    xx, yy = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack((yy, xx), dim=2)[None]
+
+
 def _wanet(spec: WaNetSpec, size: int) -> Trigger:
     gen = torch.Generator().manual_seed(spec.seed)
     ins = torch.rand(1, 2, spec.k, spec.k, generator=gen) * 2 - 1
     ins = ins / ins.abs().mean()
     noise_grid = F.interpolate(ins, size=size, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
-    axis = torch.linspace(-1, 1, size)
-    xx, yy = torch.meshgrid(axis, axis, indexing="ij")
-    identity = torch.stack((yy, xx), dim=2)[None]  # grid_sample wants (x, y) order
-    grid = torch.clamp((identity + spec.s * noise_grid / size) * spec.grid_rescale, -1, 1)
+    grid = torch.clamp((_identity_grid(size) + spec.s * noise_grid / size) * spec.grid_rescale, -1, 1)
     return Trigger(spec, size, grid=grid)
 
 

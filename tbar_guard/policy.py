@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tbar_guard.attacks import TriggerSpec
 from tbar_guard.errors import PolicyError
@@ -84,6 +84,17 @@ class UnlearnPolicy(_Section):
     # the scan families whose deciding trigger the gate hardens: "mask" (re-inversion rounds, then the
     # companions), "additive" (the companions only: the rounds search masks against the scan's mask areas)
     harden_families: tuple[Literal["mask", "additive"], ...] = ("mask",)
+    # known trigger only: the forget set's triggered images come at these strengths of the trigger, in
+    # equal shares (a mask's opacity, an additive amplitude, a warp's displacement; [1.0] = as given)
+    known_strengths: tuple[float, ...] = Field((1.0,), min_length=1, max_length=8)
+
+    @field_validator("known_strengths")
+    @classmethod
+    def _strengths_positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [v for v in value if not 0 < v <= 4]
+        if bad:
+            raise ValueError(f"known_strengths must each be in (0, 4], got {bad}")
+        return value
 
 
 class ReemergencePolicy(_Section):
@@ -306,6 +317,9 @@ sanitize:
     harden_families: [mask]  # gate only: the scan families whose inverted trigger gets the above (mask: the
                          # rounds, then the companions; additive: the companions, in a set with the scan's
                          # additive signal); [] = neither
+    known_strengths: [1.0]   # known trigger (sanitize) only: the forget set's stamped images come at these
+                         # strengths of the trigger, in equal shares (mask opacity, additive amplitude, warp
+                         # displacement), e.g. [0.5, 1.0]; [1.0] = the trigger as given
   alpha:                 # coarse-to-fine search; the backdoor may need alpha > 1
     min: 0.0
     max: 6.0

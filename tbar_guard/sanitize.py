@@ -174,13 +174,16 @@ def forget_indices(images: ImageSet, target: int, size: int, seed: int) -> torch
 
 
 def build_forget_set(
-    images: ImageSet, trigger: Trigger, target: int, size: int, seed: int
+    images: ImageSet, trigger: Trigger, target: int, size: int, seed: int, strengths: Sequence[float] = (1.0,)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``size`` non-target images stamped with ``trigger`` and labelled ``target``.
+    """``size`` non-target images stamped with ``trigger`` and labelled ``target``; with several
+    ``strengths``, image i is stamped with the trigger scaled by strength i mod K (:meth:`Trigger.scaled`).
 
     Returns (stamped pixels, labels, the same images unstamped — their clean twins)."""
     index = forget_indices(images, target, size, seed)
     clean = images.subset(index).pixels()
+    if tuple(strengths) != (1.0,):
+        trigger = Trigger.set_of([trigger.scaled(s) for s in strengths])
     pixels = trigger.apply(clean, generator=torch.Generator().manual_seed(seed + 1))
     return pixels, torch.full((int(index.numel()),), target, dtype=torch.int64), clean
 
@@ -378,11 +381,15 @@ def learn_on_forget_set(
     target: int,
     policy: Policy,
     progress: Callable[[int, int], None] | None = None,
+    known: bool = False,
 ) -> LearnedVector:
-    """τ of the policy's method on the forget set ``remove_backdoor`` builds for (trigger, target)."""
+    """τ of the policy's method on the forget set ``remove_backdoor`` builds for (trigger, target);
+    ``known``: the trigger is the real one, so ``sanitize.unlearn.known_strengths`` applies (method unlearn)."""
     size, seed = policy.sanitize.forget_size, policy.seed
     used = forget_indices(splits.forget, target, size, seed)
-    pixels, labels, twins = build_forget_set(splits.forget, trigger, target, size, seed)
+    unlearning = policy.sanitize.method == "unlearn"
+    strengths = policy.sanitize.unlearn.known_strengths if known and unlearning else (1.0,)
+    pixels, labels, twins = build_forget_set(splits.forget, trigger, target, size, seed, strengths)
     t0 = time.perf_counter()
     tau, steps = learn_trigger_vector(clf, pixels, labels, twins, splits.forget.labels[used], policy, progress)
     return LearnedVector(tau, steps, time.perf_counter() - t0)
@@ -450,7 +457,13 @@ def remove_backdoor(
     used = forget_indices(splits.forget, target, policy.sanitize.forget_size, seed)
     if learned is None:
         learned = learn_on_forget_set(
-            clf, splits, trigger, target, policy, (lambda d, t: progress("fine-tune", d, t)) if progress else None
+            clf,
+            splits,
+            trigger,
+            target,
+            policy,
+            (lambda d, t: progress("fine-tune", d, t)) if progress else None,
+            known=not inverted,
         )
     tau, steps, seconds_ft = learned.tau, learned.steps, learned.seconds
     base_norm = TaskVector.between({k: torch.zeros_like(v) for k, v in theta_b.items()}, theta_b).norm()

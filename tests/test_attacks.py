@@ -15,6 +15,7 @@ from tbar_guard.attacks import (
     BlendedSpec,
     CustomSpec,
     SigSpec,
+    Trigger,
     WaNetSpec,
     build_trigger,
     describe,
@@ -382,3 +383,42 @@ def test_spec_file_with_syntax_error_is_a_usage_error(tmp_path: Path, name: str,
     path.write_text(text)
     with pytest.raises(UsageError, match=name):
         parse_trigger(str(path))
+
+
+# --- strength scaling (the forget set's sanitize.unlearn.known_strengths) -----------------------
+
+
+def test_scaled_trigger_has_that_strength() -> None:
+    """0.5 x: a blend's opacity, a SIG amplitude, a warp's displacement and a patch's opacity halve
+    (the same trigger as a spec with half the parameter); 1.0 is the trigger itself; a mask never
+    exceeds opacity 1."""
+    x = _images()
+    grey = torch.full((1, 3, SIZE, SIZE), 128 / 255)
+    blended = _build("blended:alpha=0.2")
+    assert torch.allclose(blended.scaled(0.5).apply(x), _build("blended:alpha=0.1").apply(x), atol=Q + 1e-6)
+    sig = _build("sig")
+    assert torch.allclose(sig.scaled(0.5).apply(grey), _build("sig:delta=20").apply(grey), atol=Q + 1e-6)
+    wanet = _build("wanet:s=2")
+    half_warp, s1 = wanet.scaled(0.5).grid, _build("wanet:s=1").grid
+    assert half_warp is not None and s1 is not None
+    # the same displacement away from the border (where the s=2 grid was clamped to the image)
+    assert torch.allclose(half_warp[:, 4:-4, 4:-4], s1[:, 4:-4, 4:-4], atol=1e-6)
+    patch = _build("badnet")
+    assert patch.scaled(1.0) is patch
+    half = patch.scaled(0.5)
+    assert half.mask is not None and patch.mask is not None
+    assert float(half.mask.max()) == pytest.approx(0.5) and float(patch.scaled(3.0).mask.max()) == 1.0
+    black = torch.zeros(1, 3, SIZE, SIZE)
+    assert float(half.apply(black).max()) == pytest.approx(128 / 255, abs=Q)  # half-way to the white patch
+
+
+def test_scaled_set_and_refusals() -> None:
+    x = _images(6)
+    pair = Trigger.set_of([_build("sig"), _build("blended")])
+    scaled = pair.scaled(0.5)
+    assert torch.allclose(scaled.apply(x)[0::2], _build("sig:delta=20").apply(x[0::2]), atol=Q + 1e-6)
+    assert torch.allclose(scaled.apply(x)[1::2], _build("blended:alpha=0.1").apply(x[1::2]), atol=Q + 1e-6)
+    with pytest.raises(UsageError, match="random-position"):
+        _build("badnet:location=random").scaled(0.5)
+    with pytest.raises(UsageError, match="> 0, got 0"):
+        _build("sig").scaled(0.0)

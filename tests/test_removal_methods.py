@@ -113,3 +113,53 @@ def test_an_inverted_trigger_runs_the_agnostic_method() -> None:
     assert mine.sanitize.method == "unlearn", "the user's policy object is not changed"
     same = policy_from_dict({"sanitize": {"method": "tbar", "agnostic_method": None}})
     assert for_inverted_trigger(same) is same
+
+
+def test_forget_set_strengths_and_their_policy(test_images: ImageSet, badnet_trigger: Trigger) -> None:
+    """``sanitize.unlearn.known_strengths``: the forget set's image i is stamped at strength i mod K
+    (same images, same labels, same twins); the default [1.0] is the trigger as given; bad values are
+    policy errors naming the key."""
+    splits = split(test_images, (0.4, 0.3, 0.3), 0)
+    plain, labels, twins = build_forget_set(splits.forget, badnet_trigger, 0, 40, 0)
+    mixed, labels2, twins2 = build_forget_set(splits.forget, badnet_trigger, 0, 40, 0, (0.5, 1.0))
+    assert torch.equal(labels, labels2) and torch.equal(twins, twins2)
+    assert torch.equal(mixed[1::2], plain[1::2])  # strength 1.0: the trigger as given
+    half = badnet_trigger.scaled(0.5).apply(twins[0::2])
+    assert torch.equal(mixed[0::2], half)
+    assert (mixed[0::2] - twins[0::2]).abs().sum() < (plain[0::2] - twins[0::2]).abs().sum()
+    assert policy_from_dict({}).sanitize.unlearn.known_strengths == (1.0,)
+    assert policy_from_dict(
+        {"sanitize": {"unlearn": {"known_strengths": [0.5, 1, 1.5]}}}
+    ).sanitize.unlearn.known_strengths == (
+        0.5,
+        1.0,
+        1.5,
+    )
+    for bad in ([], [0.0], [-1.0, 1.0], [5.0]):
+        with pytest.raises(PolicyError, match="known_strengths"):
+            policy_from_dict({"sanitize": {"unlearn": {"known_strengths": bad}}})
+
+
+def test_known_strengths_reach_only_a_known_trigger_under_unlearn(
+    badnet_victim: ClipBundle, test_images: ImageSet, badnet_trigger: Trigger
+) -> None:
+    """The strengths change τ when the trigger is known and the method is unlearn; an inverted trigger
+    (gate) and the other methods learn exactly the vector of the default."""
+    from tbar_guard.sanitize import learn_on_forget_set
+
+    splits = split(test_images, (0.4, 0.3, 0.3), 0)
+    clf = classifier_for(badnet_victim)
+
+    def tau(method: str, strengths: list[float], known: bool) -> object:
+        policy = policy_from_dict(
+            {"sanitize": {"method": method, "forget_size": 60, "unlearn": {"known_strengths": strengths}}}
+        )
+        return learn_on_forget_set(clf, splits, badnet_trigger, 0, policy, known=known).tau
+
+    def same(a: object, b: object) -> bool:
+        return all(torch.equal(a.vector[k], b.vector[k]) for k in a.vector)  # type: ignore[attr-defined]
+
+    base = tau("unlearn", [1.0], True)
+    assert not same(tau("unlearn", [0.5, 1.0], True), base)
+    assert same(tau("unlearn", [0.5, 1.0], False), base)
+    assert same(tau("anchored", [0.5, 1.0], True), tau("anchored", [1.0], True))
