@@ -16,6 +16,8 @@ DEFENCE_LABELS = {
     "tbar-unlearn-known": "TBAR known trigger (unlearn vector, the default: negate theta_b - theta_unlearned)",
     "tbar-unlearn-known-extend": "TBAR known trigger (unlearn vector), alpha extended past the ASR floor while validation CA stays within one standard error",
     "tbar-unlearn-known-strengths": "TBAR known trigger (unlearn vector), the forget set stamped at 0.5, 1 and 1.5 x the trigger's strength",
+    "tbar-unlearn-known-10ep": "TBAR known trigger (unlearn vector), the unlearning fine-tune 10 epochs (default 5)",
+    "tbar-unlearn-known-lr3": "TBAR known trigger (unlearn vector), the unlearning fine-tune at lr 3e-4 (default 1e-4)",
     "tbar-agnostic": "TBAR agnostic (gate: inversion -> anchored TBAR)",
     "tbar-unlearn-agnostic": "TBAR agnostic (gate: inversion -> unlearn vector, the default)",
     "tbar-unlearn-agnostic-mask": "TBAR agnostic, mask trigger + re-inversion rounds only (no companion blend)",
@@ -38,6 +40,8 @@ KNOWN_TBAR = (
     "tbar-unlearn-known",
     "tbar-unlearn-known-extend",
     "tbar-unlearn-known-strengths",
+    "tbar-unlearn-known-10ep",
+    "tbar-unlearn-known-lr3",
 )
 AGNOSTIC_TBAR = (
     "tbar-agnostic",
@@ -441,6 +445,11 @@ def detection_tables(recs: list[dict[str, Any]], victims: list[dict[str, Any]]) 
         (
             "differential, mask then separable additive family, session 5 mask rule (gate of tbar-unlearn-agnostic-signal)",
             "tbar-unlearn-agnostic-signal",
+            "flagged",
+        ),
+        (
+            "differential, the default rule, reference = the promoted version (a clean fine-tune of the task; scan of scan-default-promoted)",
+            "scan-default-promoted",
             "flagged",
         ),
         ("DECREE, paper rule (PL1 < 0.1)", "decree", "flagged_paper"),

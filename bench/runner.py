@@ -41,6 +41,8 @@ KNOWN_METHODS = {
     "tbar-unlearn-known": "unlearn",
     "tbar-unlearn-known-extend": "unlearn",
     "tbar-unlearn-known-strengths": "unlearn",
+    "tbar-unlearn-known-10ep": "unlearn",
+    "tbar-unlearn-known-lr3": "unlearn",
 }
 # Known-trigger defences: what differs from the zoo policy, spelled out (part of their record key).
 # Session 15, measurement: the α of the known trigger's ASR floor extended as the gate's is
@@ -51,6 +53,10 @@ KNOWN_EXTRA: dict[str, dict[str, Any]] = {
     # (sanitize.unlearn.known_strengths), so that unlearning reaches the backdoor's response to weaker and
     # stronger versions of its trigger, not only the one it was handed
     "tbar-unlearn-known-strengths": {"sanitize": {"unlearn": {"known_strengths": [0.5, 1.0, 1.5]}}},
+    # session 15, measurement: the unlearning fine-tune run longer / harder (the default: lr 1e-4, 5 epochs),
+    # so that theta_u itself, not an extrapolation past it, reaches the ASR floor
+    "tbar-unlearn-known-10ep": {"sanitize": {"finetune": {"epochs": 10}}},
+    "tbar-unlearn-known-lr3": {"sanitize": {"finetune": {"lr": 0.0003}}},
 }
 AGNOSTIC_METHODS = {
     "tbar-agnostic": "anchored",
@@ -277,6 +283,14 @@ SCANS: dict[str, dict[str, Any]] = {
         }
     },
 }
+# Scan-only configurations whose reference is not the base model but "the promoted version": a clean
+# fine-tune of the same task (the zoo's first clean control of the task; for that control itself, the
+# second), as a registry's currently promoted model would be. Session 15, measurement: the default
+# detector (the gate's scan, which stops at the first family that fired) with that reference.
+PROMOTED_SCANS: dict[str, dict[str, Any]] = {
+    "scan-default-promoted": {"detect": {"differential": DEFAULT_DETECT}},
+}
+SCANS.update(PROMOTED_SCANS)
 SCAN_ONLY = ("decree", *SCANS)  # detectors that only scan (no removal): run on failed attacks too
 DETECTORS = (*AGNOSTIC_METHODS, *SCAN_ONLY)
 ALL_DEFENCES = KNOWN + DETECTORS + BASELINES
@@ -551,7 +565,12 @@ class Runner:
         # every family of the configuration is searched even after one fired: the per-family evidence is
         # what a scan-only record is for. Not part of the record key: records made before the option
         # existed were made by code that always searched every family.
-        always = {"detect": {"reference_models": [str(ctx.base_dir)], "differential": {"search_all": True}}}
+        if defence in PROMOTED_SCANS:
+            ref = promoted_reference(self.spec, v)
+            assert ref is not None, f"{v.task} has too few clean controls for a promoted reference"
+            always: dict[str, Any] = {"detect": {"reference_models": [str(self.zoo.victim(ref)[0])]}}
+        else:
+            always = {"detect": {"reference_models": [str(ctx.base_dir)], "differential": {"search_all": True}}}
         extra = _deep_update(always, SCANS[defence])
         r = scan(vdir, ctx.data_npz, self.policy(extra), out).report
         det = r["detection"]
@@ -780,10 +799,21 @@ def true_curve(
     return out
 
 
+def promoted_reference(spec: ZooSpec, v: VictimSpec) -> VictimSpec | None:
+    """The clean control that stands for ``v``'s promoted version (``PROMOTED_SCANS``): the task's first
+    clean control, or its second when ``v`` is the first; None when the task has too few."""
+    controls = [c for c in spec.victims if c.task == v.task and c.attack is None and c.name != v.name]
+    return controls[0] if controls else None
+
+
 def record_path(cache: Path, spec: ZooSpec, v: VictimSpec, defence: str) -> Path:
     """Where the record of ``v`` x ``defence`` is cached: keyed by everything that decides it."""
     extra = spec.baselines.get(defence) or SCANS.get(defence) or AGNOSTIC_EXTRA.get(defence) or KNOWN_EXTRA.get(defence)
-    key = key_of([spec.victim_key(v), defence, spec.policy, extra])
+    parts: list[Any] = [spec.victim_key(v), defence, spec.policy, extra]
+    if defence in PROMOTED_SCANS:
+        ref = promoted_reference(spec, v)
+        parts.append(spec.victim_key(ref) if ref is not None else None)
+    key = key_of(parts)
     return cache / "records" / f"{v.name}-{defence}-{key}.json"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -318,3 +319,27 @@ def test_floor_gap_compares_validation_and_test_kept_at_the_chosen_alpha() -> No
     assert md.startswith("2 shipped TBAR records") and "while validation passed it: 1" in md
     assert md.index("| a |") < md.index("| b |")  # largest gap first
     assert floor_gap.markdown([], 0.95).startswith("no shipped")
+
+
+def test_promoted_reference_is_another_clean_control_of_the_task_and_part_of_the_key(tmp_path: Path) -> None:
+    """scan-default-promoted stands a clean fine-tune of the task in for the promoted version: the first
+    clean control of the victim's task, the second for that control itself; which one is part of the
+    record key, and the base-model scans' keys do not depend on it."""
+    zoo = load_zoo(Path(__file__).parents[1] / "bench" / "zoo.yaml")
+    by_name = {v.name: v for v in zoo.victims}
+    pick = bench_runner.promoted_reference
+    ref = pick(zoo, by_name["cifar10-sig-t1-s0"])
+    assert ref is not None and ref.name == "cifar10-clean-s0"
+    first = pick(zoo, by_name["cifar10-clean-s0"])
+    assert first is not None and first.name == "cifar10-clean-s1"
+    gtsrb = pick(zoo, by_name["gtsrb-badnet-t1-s0"])
+    assert gtsrb is not None and gtsrb.name == "gtsrb-clean-s0"
+    path = bench_runner.record_path(tmp_path, zoo, by_name["cifar10-sig-t1-s0"], "scan-default-promoted")
+    other = dataclasses.replace(zoo, victims=tuple(v for v in zoo.victims if v.name != "cifar10-clean-s0"))
+    assert bench_runner.record_path(tmp_path, other, by_name["cifar10-sig-t1-s0"], "scan-default-promoted") != path
+    base = "scan-differential-separable-ee"
+    assert bench_runner.record_path(tmp_path, other, by_name["cifar10-sig-t1-s0"], base) == bench_runner.record_path(
+        tmp_path, zoo, by_name["cifar10-sig-t1-s0"], base
+    )
+    assert bench_runner.PROMOTED_SCANS["scan-default-promoted"]["detect"]["differential"] == bench_runner.DEFAULT_DETECT
+    assert "scan-default-promoted" in bench_runner.SCAN_ONLY
