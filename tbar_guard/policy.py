@@ -87,6 +87,9 @@ class UnlearnPolicy(_Section):
     # known trigger only: the forget set's triggered images come at these strengths of the trigger, in
     # equal shares (a mask's opacity, an additive amplitude, a warp's displacement; [1.0] = as given)
     known_strengths: tuple[float, ...] = Field((1.0,), min_length=1, max_length=8)
+    # known trigger only: the unlearning fine-tune's epochs (None: sanitize.finetune.epochs, as for every
+    # other forget-set fine-tune)
+    known_epochs: int | None = Field(None, ge=1, le=100)
 
     @field_validator("known_strengths")
     @classmethod
@@ -320,6 +323,7 @@ sanitize:
     known_strengths: [1.0]   # known trigger (sanitize) only: the forget set's stamped images come at these
                          # strengths of the trigger, in equal shares (mask opacity, additive amplitude, warp
                          # displacement), e.g. [0.5, 1.0]; [1.0] = the trigger as given
+    known_epochs: null       # known trigger (sanitize) only: the unlearning fine-tune's epochs (null: finetune.epochs)
   alpha:                 # coarse-to-fine search; the backdoor may need alpha > 1
     min: 0.0
     max: 6.0

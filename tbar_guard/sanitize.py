@@ -384,11 +384,16 @@ def learn_on_forget_set(
     known: bool = False,
 ) -> LearnedVector:
     """τ of the policy's method on the forget set ``remove_backdoor`` builds for (trigger, target);
-    ``known``: the trigger is the real one, so ``sanitize.unlearn.known_strengths`` applies (method unlearn)."""
+    ``known``: the trigger is the real one, so ``sanitize.unlearn.known_strengths`` and ``known_epochs``
+    apply (method unlearn)."""
     size, seed = policy.sanitize.forget_size, policy.seed
     used = forget_indices(splits.forget, target, size, seed)
     unlearning = policy.sanitize.method == "unlearn"
     strengths = policy.sanitize.unlearn.known_strengths if known and unlearning else (1.0,)
+    epochs = policy.sanitize.unlearn.known_epochs
+    if known and unlearning and epochs is not None:  # the known trigger's own unlearning length
+        ft = policy.sanitize.finetune.model_copy(update={"epochs": epochs})
+        policy = policy.model_copy(update={"sanitize": policy.sanitize.model_copy(update={"finetune": ft})})
     pixels, labels, twins = build_forget_set(splits.forget, trigger, target, size, seed, strengths)
     t0 = time.perf_counter()
     tau, steps = learn_trigger_vector(clf, pixels, labels, twins, splits.forget.labels[used], policy, progress)

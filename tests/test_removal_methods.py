@@ -163,3 +163,34 @@ def test_known_strengths_reach_only_a_known_trigger_under_unlearn(
     assert not same(tau("unlearn", [0.5, 1.0], True), base)
     assert same(tau("unlearn", [0.5, 1.0], False), base)
     assert same(tau("anchored", [0.5, 1.0], True), tau("anchored", [1.0], True))
+
+
+def test_known_epochs_lengthen_only_a_known_triggers_unlearning(
+    test_images: ImageSet, badnet_victim: ClipBundle, badnet_trigger: Trigger
+) -> None:
+    """``sanitize.unlearn.known_epochs`` sets the unlearning fine-tune's epochs for a known trigger (twice
+    the steps at 2 x the epochs); an inverted trigger and the other methods keep ``finetune.epochs``."""
+    from tbar_guard.sanitize import learn_on_forget_set
+
+    splits = split(test_images, (0.4, 0.3, 0.3), 0)
+    clf = classifier_for(badnet_victim)
+
+    def steps(method: str, known_epochs: int | None, known: bool) -> int:
+        policy = policy_from_dict(
+            {
+                "sanitize": {
+                    "method": method,
+                    "forget_size": 40,
+                    "finetune": {"epochs": 1},
+                    "unlearn": {"known_epochs": known_epochs},
+                }
+            }
+        )
+        return learn_on_forget_set(clf, splits, badnet_trigger, 0, policy, known=known).steps
+
+    one = steps("unlearn", None, True)
+    assert steps("unlearn", 2, True) == 2 * one
+    assert steps("unlearn", 2, False) == one
+    assert steps("anchored", 2, True) == steps("anchored", None, True)
+    with pytest.raises(PolicyError, match="known_epochs"):
+        policy_from_dict({"sanitize": {"unlearn": {"known_epochs": 0}}})
