@@ -6,12 +6,15 @@ the defence's configuration, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
+import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -900,6 +903,25 @@ def _defend_one(job: _Job) -> tuple[str, float]:
     return job.victim, time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt here (main thread only), so that a ``with Pool`` inside terminates
+    its workers: killed by the default signal, the main process used to leave them running (session 15:
+    an orphan went on writing records and a run directory that a new run's worker then collided with)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_parallel(
     zoo_path: Path,
     out: Path,
@@ -937,7 +959,7 @@ def run_parallel(
     controls = [c for c in spec.victims if c.attack is None and c.task in attacked and c not in victims]
     build = work + [_Job(zoo_path, out, cache, shared, defences_, c.name, host["commit"]) for c in controls]
     ctx_mp = multiprocessing.get_context("spawn")
-    with ctx_mp.Pool(jobs, initializer=_worker_init, initargs=(worker_threads,)) as pool:
+    with _sigterm_interrupts(), ctx_mp.Pool(jobs, initializer=_worker_init, initargs=(worker_threads,)) as pool:
         for name, seconds, meta in pool.imap_unordered(_build_one, build):
             asr = meta["attack_success_rate"]
             log(

@@ -343,3 +343,25 @@ def test_promoted_reference_is_another_clean_control_of_the_task_and_part_of_the
     )
     assert bench_runner.PROMOTED_SCANS["scan-default-promoted"]["detect"]["differential"] == bench_runner.DEFAULT_DETECT
     assert "scan-default-promoted" in bench_runner.SCAN_ONLY
+
+
+def test_sigterm_during_a_parallel_run_terminates_its_workers() -> None:
+    """``run_parallel``'s pool sits inside ``_sigterm_interrupts``: a SIGTERM to the main process becomes
+    KeyboardInterrupt, the pool's ``with`` terminates its workers, and the previous handler is back after."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    before = signal.getsignal(signal.SIGTERM)
+    ctx = multiprocessing.get_context("spawn")
+    with pytest.raises(KeyboardInterrupt, match="signal"), bench_runner._sigterm_interrupts(), ctx.Pool(2) as pool:
+        pending = pool.map_async(time.sleep, [30.0, 30.0])
+        workers = list(multiprocessing.active_children())
+        assert len(workers) == 2
+        os.kill(os.getpid(), signal.SIGTERM)
+        pending.wait(30)  # interrupted by the handler long before
+    assert signal.getsignal(signal.SIGTERM) is before
+    for w in workers:
+        w.join(10)
+        assert not w.is_alive(), w
