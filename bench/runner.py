@@ -564,10 +564,12 @@ class Runner:
         return self.baseline(v, vdir, ctx, defence)
 
     def scan_record(self, v: VictimSpec, vdir: Path, ctx: TaskContext, defence: str, out: Path) -> dict[str, Any]:
-        """Scan only (no removal) with one detector configuration of ``SCANS``; reference = the base model."""
+        """Scan only (no removal) with one detector configuration of ``SCANS``; reference = the base model
+        (``PROMOTED_SCANS``: a clean control, :func:`promoted_reference`)."""
         # every family of the configuration is searched even after one fired: the per-family evidence is
         # what a scan-only record is for. Not part of the record key: records made before the option
-        # existed were made by code that always searched every family.
+        # existed were made by code that always searched every family. PROMOTED_SCANS run as the gate's
+        # scan does (stopping at the first family that fired).
         if defence in PROMOTED_SCANS:
             ref = promoted_reference(self.spec, v)
             assert ref is not None, f"{v.task} has too few clean controls for a promoted reference"

@@ -21,7 +21,14 @@ from tbar_guard.evaluate import evaluate
 from tbar_guard.exit_codes import ExitCode
 from tbar_guard.pipeline import sanitize
 from tbar_guard.policy import DEFAULT_POLICY_YAML, policy_from_dict
-from tbar_guard.sanitize import build_forget_set, for_inverted_trigger, forget_indices, learn_trigger_vector
+from tbar_guard.sanitize import (
+    build_forget_set,
+    for_inverted_trigger,
+    forget_indices,
+    learn_on_forget_set,
+    learn_trigger_vector,
+)
+from tbar_guard.task_vector import TaskVector
 
 FORGET = 300
 
@@ -145,24 +152,19 @@ def test_known_strengths_reach_only_a_known_trigger_under_unlearn(
 ) -> None:
     """The strengths change τ when the trigger is known and the method is unlearn; an inverted trigger
     (gate) and the other methods learn exactly the vector of the default."""
-    from tbar_guard.sanitize import learn_on_forget_set
-
     splits = split(test_images, (0.4, 0.3, 0.3), 0)
     clf = classifier_for(badnet_victim)
 
-    def tau(method: str, strengths: list[float], known: bool) -> object:
+    def tau(method: str, strengths: list[float], known: bool) -> TaskVector:
         policy = policy_from_dict(
             {"sanitize": {"method": method, "forget_size": 60, "unlearn": {"known_strengths": strengths}}}
         )
         return learn_on_forget_set(clf, splits, badnet_trigger, 0, policy, known=known).tau
 
-    def same(a: object, b: object) -> bool:
-        return all(torch.equal(a.vector[k], b.vector[k]) for k in a.vector)  # type: ignore[attr-defined]
-
-    base = tau("unlearn", [1.0], True)
-    assert not same(tau("unlearn", [0.5, 1.0], True), base)
-    assert same(tau("unlearn", [0.5, 1.0], False), base)
-    assert same(tau("anchored", [0.5, 1.0], True), tau("anchored", [1.0], True))
+    base = tau("unlearn", [1.0], True)  # TaskVector == compares every tensor exactly
+    assert tau("unlearn", [0.5, 1.0], True) != base
+    assert tau("unlearn", [0.5, 1.0], False) == base
+    assert tau("anchored", [0.5, 1.0], True) == tau("anchored", [1.0], True)
 
 
 def test_known_epochs_lengthen_only_a_known_triggers_unlearning(
@@ -170,8 +172,6 @@ def test_known_epochs_lengthen_only_a_known_triggers_unlearning(
 ) -> None:
     """``sanitize.unlearn.known_epochs`` sets the unlearning fine-tune's epochs for a known trigger (twice
     the steps at 2 x the epochs); an inverted trigger and the other methods keep ``finetune.epochs``."""
-    from tbar_guard.sanitize import learn_on_forget_set
-
     splits = split(test_images, (0.4, 0.3, 0.3), 0)
     clf = classifier_for(badnet_victim)
 
