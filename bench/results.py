@@ -18,6 +18,8 @@ DEFENCE_LABELS = {
     "tbar-unlearn-known-strengths": "TBAR known trigger (unlearn vector), the forget set stamped at 0.5, 1 and 1.5 x the trigger's strength",
     "tbar-unlearn-known-10ep": "TBAR known trigger (unlearn vector), the unlearning fine-tune 10 epochs (default 5)",
     "tbar-unlearn-known-lr3": "TBAR known trigger (unlearn vector), the unlearning fine-tune at lr 3e-4 (default 1e-4)",
+    "tbar-unlearn-known-strict": "TBAR known trigger (unlearn vector), alpha = the strict lowest validation ASR within the CA floor (asr_tolerance 0)",
+    "tbar-unlearn-known-10ep-strict": "TBAR known trigger (unlearn vector), 10 epochs and the strict lowest validation ASR (asr_tolerance 0)",
     "tbar-agnostic": "TBAR agnostic (gate: inversion -> anchored TBAR)",
     "tbar-unlearn-agnostic": "TBAR agnostic (gate: inversion -> unlearn vector, the default)",
     "tbar-unlearn-agnostic-mask": "TBAR agnostic, mask trigger + re-inversion rounds only (no companion blend)",
@@ -42,6 +44,8 @@ KNOWN_TBAR = (
     "tbar-unlearn-known-strengths",
     "tbar-unlearn-known-10ep",
     "tbar-unlearn-known-lr3",
+    "tbar-unlearn-known-strict",
+    "tbar-unlearn-known-10ep-strict",
 )
 AGNOSTIC_TBAR = (
     "tbar-agnostic",

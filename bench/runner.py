@@ -46,6 +46,8 @@ KNOWN_METHODS = {
     "tbar-unlearn-known-strengths": "unlearn",
     "tbar-unlearn-known-10ep": "unlearn",
     "tbar-unlearn-known-lr3": "unlearn",
+    "tbar-unlearn-known-strict": "unlearn",
+    "tbar-unlearn-known-10ep-strict": "unlearn",
 }
 # Known-trigger defences: what differs from the zoo policy, spelled out (part of their record key).
 # Session 15, measurement: the α of the known trigger's ASR floor extended as the gate's is
@@ -60,6 +62,12 @@ KNOWN_EXTRA: dict[str, dict[str, Any]] = {
     # so that theta_u itself, not an extrapolation past it, reaches the ASR floor
     "tbar-unlearn-known-10ep": {"sanitize": {"finetune": {"epochs": 10}}},
     "tbar-unlearn-known-lr3": {"sanitize": {"finetune": {"lr": 0.0003}}},
+    # session 16, measurement: α by the strict lowest validation ASR within the CA floor (asr_tolerance 0; the
+    # default takes the highest-CA α within 0.01 of it), alone and with 10 epochs: a known trigger's removal keeps
+    # CA kept near 1.0 while the test ASR sits at 2-3%, so the tolerance spends the ASR target on CA
+    # the policy does not ask for
+    "tbar-unlearn-known-strict": {"sanitize": {"alpha": {"asr_tolerance": 0.0}}},
+    "tbar-unlearn-known-10ep-strict": {"sanitize": {"finetune": {"epochs": 10}, "alpha": {"asr_tolerance": 0.0}}},
 }
 AGNOSTIC_METHODS = {
     "tbar-agnostic": "anchored",
