@@ -48,26 +48,55 @@ KNOWN_METHODS = {
     "tbar-unlearn-known-lr3": "unlearn",
     "tbar-unlearn-known-strict": "unlearn",
     "tbar-unlearn-known-10ep-strict": "unlearn",
+    "tbar-unlearn-known-s15": "unlearn",
 }
-# Known-trigger defences: what differs from the zoo policy, spelled out (part of their record key).
-# Session 15, measurement: the α of the known trigger's ASR floor extended as the gate's is
-# (sanitize.alpha.extend_known: larger α while validation CA stays within one standard error).
+# Known-trigger defences: what differs from the zoo policy, spelled out (part of their record key, so a
+# change of the product defaults never passes a cached record off as the new default's).
+# The known trigger's removal of sessions 1-15: unlearning for finetune.epochs (5), α within asr_tolerance (0.01)
+# of the lowest validation ASR. Every variant measured before session 16 ran on it.
+KNOWN_S15: dict[str, Any] = {"sanitize": {"unlearn": {"known_epochs": None}, "alpha": {"known_asr_tolerance": None}}}
+# Since session 16 (chosen on the development zoo: bench/results/strict-s16/dev): unlearning 10 epochs and the
+# strict lowest validation ASR within the CA floor (measured as tbar-unlearn-known-10ep-strict, which also ran
+# the disentanglement evidence's clean vector for 10 epochs; the α choice is the same computation).
+KNOWN_DEFAULT: dict[str, Any] = {"sanitize": {"unlearn": {"known_epochs": 10}, "alpha": {"known_asr_tolerance": 0.0}}}
+
+
+def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _on_s15(extra: dict[str, Any]) -> dict[str, Any]:
+    return _deep_update(KNOWN_S15, extra)
+
+
 KNOWN_EXTRA: dict[str, dict[str, Any]] = {
-    "tbar-unlearn-known-extend": {"sanitize": {"alpha": {"extend_known": True, "extend_past_zero": True}}},
+    "tbar-unlearn-known": KNOWN_DEFAULT,
+    # the anchored and plain methods follow the product's known-trigger α choice (known_epochs is unlearn's only)
+    "tbar-known": {"sanitize": {"alpha": {"known_asr_tolerance": 0.0}}},
+    "tbar-plain-known": {"sanitize": {"alpha": {"known_asr_tolerance": 0.0}}},
+    "tbar-unlearn-known-s15": KNOWN_S15,
+    # Session 15, measurement: the α of the known trigger's ASR floor extended as the gate's is
+    # (sanitize.alpha.extend_known: larger α while validation CA stays within one standard error).
+    "tbar-unlearn-known-extend": _on_s15({"sanitize": {"alpha": {"extend_known": True, "extend_past_zero": True}}}),
     # session 15, measurement: the forget set's stamped images at 0.5, 1 and 1.5 x the trigger's strength
     # (sanitize.unlearn.known_strengths), so that unlearning reaches the backdoor's response to weaker and
     # stronger versions of its trigger, not only the one it was handed
-    "tbar-unlearn-known-strengths": {"sanitize": {"unlearn": {"known_strengths": [0.5, 1.0, 1.5]}}},
+    "tbar-unlearn-known-strengths": _on_s15({"sanitize": {"unlearn": {"known_strengths": [0.5, 1.0, 1.5]}}}),
     # session 15, measurement: the unlearning fine-tune run longer / harder (the default: lr 1e-4, 5 epochs),
     # so that theta_u itself, not an extrapolation past it, reaches the ASR floor
-    "tbar-unlearn-known-10ep": {"sanitize": {"finetune": {"epochs": 10}}},
-    "tbar-unlearn-known-lr3": {"sanitize": {"finetune": {"lr": 0.0003}}},
+    "tbar-unlearn-known-10ep": _on_s15({"sanitize": {"finetune": {"epochs": 10}}}),
+    "tbar-unlearn-known-lr3": _on_s15({"sanitize": {"finetune": {"lr": 0.0003}}}),
     # session 16, measurement: α by the strict lowest validation ASR within the CA floor (asr_tolerance 0; the
-    # default takes the highest-CA α within 0.01 of it), alone and with 10 epochs: a known trigger's removal keeps
-    # CA kept near 1.0 while the test ASR sits at 2-3%, so the tolerance spends the ASR target on CA
-    # the policy does not ask for
-    "tbar-unlearn-known-strict": {"sanitize": {"alpha": {"asr_tolerance": 0.0}}},
-    "tbar-unlearn-known-10ep-strict": {"sanitize": {"finetune": {"epochs": 10}, "alpha": {"asr_tolerance": 0.0}}},
+    # default took the highest-CA α within 0.01 of it), alone and with 10 epochs: a known trigger's removal kept
+    # CA kept near 1.0 while the test ASR sat at 2-3%, so the tolerance spent the ASR target on CA
+    # the policy does not ask for. -10ep-strict became the default (KNOWN_DEFAULT).
+    "tbar-unlearn-known-strict": _on_s15({"sanitize": {"alpha": {"asr_tolerance": 0.0}}}),
+    "tbar-unlearn-known-10ep-strict": _on_s15(
+        {"sanitize": {"finetune": {"epochs": 10}, "alpha": {"asr_tolerance": 0.0}}}
+    ),
 }
 AGNOSTIC_METHODS = {
     "tbar-agnostic": "anchored",
@@ -305,13 +334,6 @@ SCANS.update(PROMOTED_SCANS)
 SCAN_ONLY = ("decree", *SCANS)  # detectors that only scan (no removal): run on failed attacks too
 DETECTORS = (*AGNOSTIC_METHODS, *SCAN_ONLY)
 ALL_DEFENCES = KNOWN + DETECTORS + BASELINES
-
-
-def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 @dataclass

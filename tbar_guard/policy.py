@@ -55,6 +55,10 @@ class AlphaPolicy(_Section):
     # the same extension for a known trigger (sanitize with --trigger): its ASR is the real one, but the
     # backdoor left at the first α of the floor is the one a clean fine-tune brings back (session 15)
     extend_known: bool = False
+    # a known trigger's asr_tolerance (None: asr_tolerance): 0 = the strict lowest validation ASR within the CA
+    # floor. Default 0 since session 16, with unlearn.known_epochs 10: chosen on the development zoo (README
+    # "Session 16"); an inverted trigger keeps asr_tolerance (its ASR floors before the real one's)
+    known_asr_tolerance: float | None = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _range_not_empty(self) -> AlphaPolicy:
@@ -88,8 +92,8 @@ class UnlearnPolicy(_Section):
     # equal shares (a mask's opacity, an additive amplitude, a warp's displacement; [1.0] = as given)
     known_strengths: tuple[float, ...] = Field((1.0,), min_length=1, max_length=8)
     # known trigger only: the unlearning fine-tune's epochs (None: sanitize.finetune.epochs, as for every
-    # other forget-set fine-tune)
-    known_epochs: int | None = Field(None, ge=1, le=100)
+    # other forget-set fine-tune); 10 since session 16, with alpha.known_asr_tolerance 0
+    known_epochs: int | None = Field(10, ge=1, le=100)
 
     @field_validator("known_strengths")
     @classmethod
@@ -323,7 +327,8 @@ sanitize:
     known_strengths: [1.0]   # known trigger (sanitize) only: the forget set's stamped images come at these
                          # strengths of the trigger, in equal shares (mask opacity, additive amplitude, warp
                          # displacement), e.g. [0.5, 1.0]; [1.0] = the trigger as given
-    known_epochs: null       # known trigger (sanitize) only: the unlearning fine-tune's epochs (null: finetune.epochs)
+    known_epochs: 10         # known trigger (sanitize) only: the unlearning fine-tune's epochs (null: finetune.epochs);
+                             # 10 since session 16, with alpha.known_asr_tolerance 0 (README "Session 16")
   alpha:                 # coarse-to-fine search; the backdoor may need alpha > 1
     min: 0.0
     max: 6.0
@@ -341,6 +346,8 @@ sanitize:
     extend_known: false    # the same extension (and extend_past_zero) for a known trigger (sanitize): what
                            # is left of the backdoor at the first alpha of the ASR floor is what a clean
                            # fine-tune brings back (re-emergence); see README "How removal works"
+    known_asr_tolerance: 0.0  # a known trigger's asr_tolerance (null: asr_tolerance); 0 = the strict lowest
+                           # validation ASR within the CA floor (since session 16, with unlearn.known_epochs 10)
   reemergence:           # after a removal: fine-tune the sanitized model on clean images, measure ASR again
     enabled: true          # repair images: forget-split images the forget set did not use (test split never)
     images: 1000           # clean images (true labels), cross-entropy through the frozen zero-shot head

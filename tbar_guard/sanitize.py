@@ -429,7 +429,7 @@ def remove_backdoor(
     on this forget set (``build_forget_set`` with the same trigger, target, size and seed) by the
     policy's method — the re-inversion rounds of :mod:`tbar_guard.reinvert` — so it is not learned again.
     ``inverted``: the trigger was inverted by a scan (gate), so ``sanitize.alpha.extend_inverted`` applies
-    (``sanitize.alpha.extend_known`` otherwise).
+    (``sanitize.alpha.extend_known`` and ``known_asr_tolerance`` otherwise).
     ``ceilings``: the verdict's ASR ceilings on validation and test (``accept.reference_rate_ceiling``)
     with the reference's rates they come from; the α choice does not use them."""
     theta_b = visual_state(clf)
@@ -487,7 +487,9 @@ def remove_backdoor(
         # one standard error of the validation CA estimate (binomial), at the original model's CA
         ca = val_before.clean_accuracy
         ca_noise = math.sqrt(ca * (1 - ca) / max(len(splits.val), 1))
-    choice = search_alpha(measure, val_before.clean_accuracy, policy.accept, policy.sanitize.alpha, progress, ca_noise)
+    if not inverted and alpha_policy.known_asr_tolerance is not None:  # a known trigger's own tolerance
+        alpha_policy = alpha_policy.model_copy(update={"asr_tolerance": alpha_policy.known_asr_tolerance})
+    choice = search_alpha(measure, val_before.clean_accuracy, policy.accept, alpha_policy, progress, ca_noise)
     seconds_search = time.perf_counter() - t1
     sanitized = negated.apply_to(theta_b, choice.alpha)
     clf.visual.load_state_dict(sanitized)

@@ -25,6 +25,7 @@ from tbar_guard.pipeline import RunResult, prepare, sanitize
 from tbar_guard.policy import AcceptPolicy, AlphaPolicy, Policy, policy_from_dict
 from tbar_guard.report import removal_json
 from tbar_guard.sanitize import (
+    AlphaChoice,
     LearnedVector,
     ReferenceCeilings,
     Removal,
@@ -599,7 +600,12 @@ def test_extend_known_extends_a_known_trigger_as_the_gate_extends_an_inverted_on
                 **base,
                 "sanitize": {
                     **base["sanitize"],
-                    "alpha": {"extend_known": on and not inv, "extend_inverted": on and inv},
+                    # one tolerance for both (a known trigger's own, known_asr_tolerance, is tested below)
+                    "alpha": {
+                        "extend_known": on and not inv,
+                        "extend_inverted": on and inv,
+                        "known_asr_tolerance": None,
+                    },
                 },
             }
         )
@@ -627,3 +633,47 @@ def test_extend_known_extends_a_known_trigger_as_the_gate_extends_an_inverted_on
         noise = (ca * (1 - ca) / len(p.splits.val)) ** 0.5
         assert known_on.choice.point.clean_accuracy >= start.clean_accuracy - noise - 1e-9
         assert known_on.choice.point.attack_success_rate <= min(start.attack_success_rate + 0.01, 0.05) + 1e-9
+
+
+def test_known_asr_tolerance_sets_a_known_triggers_alpha_choice_only(
+    victim_dir: Path, test_npz: Path, badnet_trigger: Trigger
+) -> None:
+    """``sanitize.alpha.known_asr_tolerance`` (default 0 since session 16): a known trigger's α is the strict
+    lowest validation ASR within the CA floor (ties: the smaller α), while an inverted trigger keeps
+    ``asr_tolerance``; null gives a known trigger ``asr_tolerance`` again. One learned vector, so only the
+    choice differs."""
+    assert Policy().sanitize.alpha.known_asr_tolerance == 0.0 and Policy().sanitize.alpha.asr_tolerance == 0.01
+    assert Policy().sanitize.unlearn.known_epochs == 10  # its companion default (README "Session 16")
+
+    def policy(known_tolerance: float | None) -> Policy:
+        return policy_from_dict(
+            {
+                "accept": {"ca_floor": 0.85},
+                "sanitize": {
+                    "reemergence": {"enabled": False},
+                    "disentanglement": {"enabled": False},
+                    "forget_size": 200,
+                    "alpha": {"extend_inverted": False, "known_asr_tolerance": known_tolerance, "asr_tolerance": 0.2},
+                },
+            }
+        )
+
+    strict, inherit = policy(0.0), policy(None)
+    p = prepare(victim_dir, test_npz, strict, "cpu")
+    learned = learn_on_forget_set(p.clf, p.splits, badnet_trigger, 0, strict)
+
+    def choice(pol: Policy, inverted: bool) -> AlphaChoice:
+        r = remove_backdoor(p.clf, p.splits, badnet_trigger, 0, pol, learned=learned, inverted=inverted)
+        assert r.choice is not None
+        return r.choice
+
+    known_strict, known_inherit = choice(strict, False), choice(inherit, False)
+    inverted_under_strict, inverted_inherit = choice(strict, True), choice(inherit, True)
+    feasible = [q for q in known_strict.sweep if q.feasible]
+    lowest = min(feasible, key=lambda q: (q.attack_success_rate, q.alpha))
+    assert known_strict.point == lowest
+    # the wide tolerance (0.2) takes the highest-CA α near the lowest ASR: a different α on this victim
+    assert known_inherit.point == choose_best(list(known_inherit.sweep), "lowest-asr", 0.05, 0.2)
+    assert known_inherit.alpha != known_strict.alpha
+    # an inverted trigger is not touched by the known trigger's setting
+    assert inverted_under_strict.alpha == inverted_inherit.alpha == known_inherit.alpha
