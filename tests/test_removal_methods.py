@@ -157,7 +157,14 @@ def test_known_strengths_reach_only_a_known_trigger_under_unlearn(
 
     def tau(method: str, strengths: list[float], known: bool) -> TaskVector:
         policy = policy_from_dict(
-            {"sanitize": {"method": method, "forget_size": 60, "unlearn": {"known_strengths": strengths}}}
+            {
+                "sanitize": {
+                    "method": method,
+                    "forget_size": 60,
+                    # the strengths alone (a known trigger's own epochs, default 10, are tested below)
+                    "unlearn": {"known_strengths": strengths, "known_epochs": None},
+                }
+            }
         )
         return learn_on_forget_set(clf, splits, badnet_trigger, 0, policy, known=known).tau
 

@@ -138,11 +138,10 @@ def test_report_alpha_sweep(removed: RunResult) -> None:
         assert p["feasible"] == (p["clean_accuracy"] >= 0.85 * r["val_before"]["clean_accuracy"] - 1e-12)
     chosen = next(p for p in sweep if p["alpha"] == r["alpha"])
     assert chosen["feasible"] and chosen["attack_success_rate"] <= 0.05
-    # the chosen α: the highest CA among feasible points within asr_tolerance (0.01) of the lowest ASR
+    # the chosen α (a known trigger: alpha.known_asr_tolerance 0): the lowest ASR among feasible points,
+    # ties to the smaller α
     feasible = [p for p in sweep if p["feasible"]]
-    lowest = min(p["attack_success_rate"] for p in feasible)
-    near = [p for p in feasible if p["attack_success_rate"] <= min(lowest + 0.01, 0.05) + 1e-12]
-    assert chosen == max(near, key=lambda p: (p["clean_accuracy"], -p["alpha"]))
+    assert chosen == min(feasible, key=lambda p: (p["attack_success_rate"], p["alpha"]))
     # α = 0 is the unmodified victim on the validation split
     assert sweep[0]["clean_accuracy"] == pytest.approx(r["val_before"]["clean_accuracy"])
     assert sweep[0]["attack_success_rate"] == pytest.approx(r["val_before"]["attack_success_rate"])
