@@ -58,7 +58,8 @@ KNOWN_S15: dict[str, Any] = {"sanitize": {"unlearn": {"known_epochs": None}, "al
 # Since session 16 (chosen on the development zoo: bench/results/strict-s16/dev): unlearning 10 epochs and the
 # strict lowest validation ASR within the CA floor (measured as tbar-unlearn-known-10ep-strict, which also ran
 # the disentanglement evidence's clean vector for 10 epochs; the α choice is the same computation).
-KNOWN_DEFAULT: dict[str, Any] = {"sanitize": {"unlearn": {"known_epochs": 10}, "alpha": {"known_asr_tolerance": 0.0}}}
+KNOWN_ALPHA: dict[str, Any] = {"known_asr_tolerance": 0.0}
+KNOWN_DEFAULT: dict[str, Any] = {"sanitize": {"unlearn": {"known_epochs": 10}, "alpha": KNOWN_ALPHA}}
 
 
 def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -68,34 +69,34 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _on_s15(extra: dict[str, Any]) -> dict[str, Any]:
-    return _deep_update(KNOWN_S15, extra)
-
-
 KNOWN_EXTRA: dict[str, dict[str, Any]] = {
     "tbar-unlearn-known": KNOWN_DEFAULT,
     # the anchored and plain methods follow the product's known-trigger α choice (known_epochs is unlearn's only)
-    "tbar-known": {"sanitize": {"alpha": {"known_asr_tolerance": 0.0}}},
-    "tbar-plain-known": {"sanitize": {"alpha": {"known_asr_tolerance": 0.0}}},
+    "tbar-known": {"sanitize": {"alpha": KNOWN_ALPHA}},
+    "tbar-plain-known": {"sanitize": {"alpha": KNOWN_ALPHA}},
     "tbar-unlearn-known-s15": KNOWN_S15,
     # Session 15, measurement: the α of the known trigger's ASR floor extended as the gate's is
     # (sanitize.alpha.extend_known: larger α while validation CA stays within one standard error).
-    "tbar-unlearn-known-extend": _on_s15({"sanitize": {"alpha": {"extend_known": True, "extend_past_zero": True}}}),
+    "tbar-unlearn-known-extend": _deep_update(
+        KNOWN_S15, {"sanitize": {"alpha": {"extend_known": True, "extend_past_zero": True}}}
+    ),
     # session 15, measurement: the forget set's stamped images at 0.5, 1 and 1.5 x the trigger's strength
     # (sanitize.unlearn.known_strengths), so that unlearning reaches the backdoor's response to weaker and
     # stronger versions of its trigger, not only the one it was handed
-    "tbar-unlearn-known-strengths": _on_s15({"sanitize": {"unlearn": {"known_strengths": [0.5, 1.0, 1.5]}}}),
+    "tbar-unlearn-known-strengths": _deep_update(
+        KNOWN_S15, {"sanitize": {"unlearn": {"known_strengths": [0.5, 1.0, 1.5]}}}
+    ),
     # session 15, measurement: the unlearning fine-tune run longer / harder (the default: lr 1e-4, 5 epochs),
     # so that theta_u itself, not an extrapolation past it, reaches the ASR floor
-    "tbar-unlearn-known-10ep": _on_s15({"sanitize": {"finetune": {"epochs": 10}}}),
-    "tbar-unlearn-known-lr3": _on_s15({"sanitize": {"finetune": {"lr": 0.0003}}}),
+    "tbar-unlearn-known-10ep": _deep_update(KNOWN_S15, {"sanitize": {"finetune": {"epochs": 10}}}),
+    "tbar-unlearn-known-lr3": _deep_update(KNOWN_S15, {"sanitize": {"finetune": {"lr": 0.0003}}}),
     # session 16, measurement: α by the strict lowest validation ASR within the CA floor (asr_tolerance 0; the
     # default took the highest-CA α within 0.01 of it), alone and with 10 epochs: a known trigger's removal kept
     # CA kept near 1.0 while the test ASR sat at 2-3%, so the tolerance spent the issue's ASR target on CA
     # the policy does not ask for. -10ep-strict became the default (KNOWN_DEFAULT).
-    "tbar-unlearn-known-strict": _on_s15({"sanitize": {"alpha": {"asr_tolerance": 0.0}}}),
-    "tbar-unlearn-known-10ep-strict": _on_s15(
-        {"sanitize": {"finetune": {"epochs": 10}, "alpha": {"asr_tolerance": 0.0}}}
+    "tbar-unlearn-known-strict": _deep_update(KNOWN_S15, {"sanitize": {"alpha": {"asr_tolerance": 0.0}}}),
+    "tbar-unlearn-known-10ep-strict": _deep_update(
+        KNOWN_S15, {"sanitize": {"finetune": {"epochs": 10}, "alpha": {"asr_tolerance": 0.0}}}
     ),
 }
 AGNOSTIC_METHODS = {
