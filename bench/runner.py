@@ -113,6 +113,7 @@ AGNOSTIC_METHODS = {
     "tbar-unlearn-agnostic-signal-first-hardened": "unlearn",
     "tbar-unlearn-agnostic-relative": "unlearn",
     "tbar-unlearn-agnostic-s13": "unlearn",
+    "tbar-unlearn-agnostic-10ep": "unlearn",
 }
 # the separable additive family scored at equal effect (the amplitude at which the optimised signal sends
 # 90% of held-out images to the class); rule fixed on the development zoo (bench/zoo-dev.yaml): smallest
@@ -260,6 +261,16 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     "tbar-unlearn-agnostic-s13": {
         "detect": {"differential": SESSION13_DETECT},
         "sanitize": DEFAULT_GATE_SANITIZE,
+    },
+    # session 17, measurement: the default gate whose unlearning fine-tune (every one: the first removal and
+    # each re-inversion round's) runs 10 epochs instead of finetune.epochs' 5 - the known trigger's session-16
+    # lever, on the inverted trigger (the disentanglement evidence's clean vector runs 10 epochs as well).
+    # Adoption rule, written before any run: on the development zoo's working attacked victims, adopted when
+    # more victims reach true test ASR <= 2% with CA kept >= 0.95 than under tbar-unlearn-agnostic,
+    # re-emergence <= 10% on at least as many, and no gate (scan + removal) over 300 s.
+    "tbar-unlearn-agnostic-10ep": {
+        "detect": {"differential": DEFAULT_DETECT},
+        "sanitize": _deep_update(DEFAULT_GATE_SANITIZE, {"finetune": {"epochs": 10}}),
     },
 }
 KNOWN = tuple(KNOWN_METHODS)
