@@ -32,6 +32,7 @@ DEFENCE_LABELS = {
     "tbar-unlearn-agnostic-relative": "TBAR agnostic, the default gate under its session-14 measurement name (additive family's relative rule, 0.2 x)",
     "tbar-unlearn-agnostic-s13": "TBAR agnostic, the default gate of session 13 (no relative rule)",
     "tbar-unlearn-agnostic-10ep": "TBAR agnostic, the default gate whose unlearning fine-tunes run 10 epochs (default 5)",
+    "tbar-unlearn-agnostic-probe2": "TBAR agnostic, the default gate measuring ASR with the inverted trigger at 2x its strength",
     "clean-ft-1x": "clean fine-tune, N = forget size",
     "clean-ft-10x": "clean fine-tune, N = 10x forget size",
     "grad-ascent": "gradient ascent on the forget set",
@@ -61,6 +62,7 @@ AGNOSTIC_TBAR = (
     "tbar-unlearn-agnostic-relative",
     "tbar-unlearn-agnostic-s13",
     "tbar-unlearn-agnostic-10ep",
+    "tbar-unlearn-agnostic-probe2",
 )
 TBAR = KNOWN_TBAR + AGNOSTIC_TBAR
 REMOVALS = (

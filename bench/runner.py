@@ -114,6 +114,7 @@ AGNOSTIC_METHODS = {
     "tbar-unlearn-agnostic-relative": "unlearn",
     "tbar-unlearn-agnostic-s13": "unlearn",
     "tbar-unlearn-agnostic-10ep": "unlearn",
+    "tbar-unlearn-agnostic-probe2": "unlearn",
 }
 # the separable additive family scored at equal effect (the amplitude at which the optimised signal sends
 # 90% of held-out images to the class); rule fixed on the development zoo (bench/zoo-dev.yaml): smallest
@@ -271,6 +272,16 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     "tbar-unlearn-agnostic-10ep": {
         "detect": {"differential": DEFAULT_DETECT},
         "sanitize": _deep_update(DEFAULT_GATE_SANITIZE, {"finetune": {"epochs": 10}}),
+    },
+    # session 18, measurement: the default gate whose alpha search and verdict measure ASR with the inverted
+    # trigger at 2x its strength (sanitize.alpha.inverted_probe_strength 2; the forget set keeps 1x): session
+    # 17 saw the inverted trigger's validation ASR floor at a smaller alpha than the real trigger's. Adoption
+    # rule, written before any run: the same as -10ep's (more development-zoo working attacked victims at true
+    # test ASR <= 2% with CA kept >= 0.95 than tbar-unlearn-agnostic, re-emergence <= 10% on at least as
+    # many, no gate over 300 s).
+    "tbar-unlearn-agnostic-probe2": {
+        "detect": {"differential": DEFAULT_DETECT},
+        "sanitize": _deep_update(DEFAULT_GATE_SANITIZE, {"alpha": {"inverted_probe_strength": 2.0}}),
     },
 }
 KNOWN = tuple(KNOWN_METHODS)

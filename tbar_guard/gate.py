@@ -49,6 +49,7 @@ from tbar_guard.sanitize import (
     Removal,
     StageProgress,
     for_inverted_trigger,
+    inverted_probe,
     remove_backdoor,
 )
 
@@ -682,11 +683,23 @@ def gate(
         target = result.target.target
 
         def remove(trigger: Trigger, learned: LearnedVector | None) -> Removal:
+            probe = inverted_probe(trigger, under)  # None: ASR is measured with the inverted trigger itself
             ceilings = None
             if ref_clf is not None:
-                ceilings = reference_ceilings(ref_clf, p.references[0].source, p.splits, trigger, target, policy)
+                measured = probe if probe is not None else trigger
+                ceilings = reference_ceilings(ref_clf, p.references[0].source, p.splits, measured, target, policy)
             return remove_backdoor(
-                p.clf, p.splits, trigger, target, under, progress, audit, learned, inverted=True, ceilings=ceilings
+                p.clf,
+                p.splits,
+                trigger,
+                target,
+                under,
+                progress,
+                audit,
+                learned,
+                inverted=True,
+                ceilings=ceilings,
+                probe=probe,
             )
 
         removal = remove(inverted, hardened.learned if hardened else None)
@@ -751,6 +764,11 @@ def gate(
                 report["trigger_description"] += (
                     f", {inverted.count} triggers: {', '.join(parts)} (each forget image carries one; ASR is their mean)"
                 )
+        strength = under.sanitize.alpha.inverted_probe_strength
+        if strength != 1.0:
+            report["trigger_description"] += (
+                f"; ASR (alpha search, verdict, evidence) measured with it at {strength:g}x its strength"
+            )
     if audit is not None and policy.trigger is not None:
         report["true_trigger"] = {
             "trigger": spec_to_dict(policy.trigger),

@@ -410,6 +410,13 @@ def for_inverted_trigger(policy: Policy) -> Policy:
     return policy.model_copy(update={"sanitize": policy.sanitize.model_copy(update={"method": chosen})})
 
 
+def inverted_probe(trigger: Trigger, policy: Policy) -> Trigger | None:
+    """The trigger an inverted-trigger removal measures ASR with: ``trigger`` at
+    ``sanitize.alpha.inverted_probe_strength`` x its strength, or None at 1.0 (the trigger itself)."""
+    strength = policy.sanitize.alpha.inverted_probe_strength
+    return None if strength == 1.0 else trigger.scaled(strength)
+
+
 def remove_backdoor(
     clf: ZeroShotClassifier,
     splits: Splits,
@@ -421,6 +428,7 @@ def remove_backdoor(
     learned: LearnedVector | None = None,
     inverted: bool = False,
     ceilings: ReferenceCeilings | None = None,
+    probe: Trigger | None = None,
 ) -> Removal:
     """Run TBAR on ``clf`` (its image tower is restored to θ_b before returning).
 
@@ -431,9 +439,14 @@ def remove_backdoor(
     ``inverted``: the trigger was inverted by a scan (gate), so ``sanitize.alpha.extend_inverted`` applies
     (``sanitize.alpha.extend_known`` and ``known_asr_tolerance`` otherwise).
     ``ceilings``: the verdict's ASR ceilings on validation and test (``accept.reference_rate_ceiling``)
-    with the reference's rates they come from; the α choice does not use them."""
+    with the reference's rates they come from; the α choice does not use them.
+    ``probe``: the trigger that measures ASR — before and after, for the α search, the verdict and the
+    evidence — when it is not ``trigger`` itself, which builds the forget set (the gate's
+    ``sanitize.alpha.inverted_probe_strength``: :func:`inverted_probe`)."""
     theta_b = visual_state(clf)
     seed = policy.seed
+    forget_trigger = trigger
+    trigger = probe if probe is not None else trigger
     audit_before = evaluate(clf, splits.test, audit[0], audit[1], seed=seed) if audit else None
     val_before = evaluate(clf, splits.val, trigger, target, seed=seed)
     before = evaluate(clf, splits.test, trigger, target, seed=seed)
@@ -464,7 +477,7 @@ def remove_backdoor(
         learned = learn_on_forget_set(
             clf,
             splits,
-            trigger,
+            forget_trigger,
             target,
             policy,
             (lambda d, t: progress("fine-tune", d, t)) if progress else None,
