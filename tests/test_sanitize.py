@@ -32,6 +32,7 @@ from tbar_guard.sanitize import (
     SweepPoint,
     _grid,
     choose_best,
+    inverted_probe,
     learn_on_forget_set,
     remove_backdoor,
     search_alpha,
@@ -676,3 +677,32 @@ def test_known_asr_tolerance_sets_a_known_triggers_alpha_choice_only(
     assert known_inherit.alpha != known_strict.alpha
     # an inverted trigger is not touched by the known trigger's setting
     assert inverted_under_strict.alpha == inverted_inherit.alpha == known_inherit.alpha
+
+
+def test_inverted_probe_measures_asr_with_the_scaled_trigger_and_leaves_the_forget_set(
+    victim_dir: Path, test_npz: Path, badnet_trigger: Trigger
+) -> None:
+    """``sanitize.alpha.inverted_probe_strength``: a removal with a probe learns τ on the forget set of the
+    trigger itself (the same τ as without the probe) while every ASR it reports, chooses α on and judges
+    is the scaled trigger's. At the default 1.0 there is no probe. (Half strength here: the session
+    trigger is an opaque patch, and a mask's opacity is clamped at 1, so only a weaker probe differs.)"""
+    assert Policy().sanitize.alpha.inverted_probe_strength == 1.0
+    assert inverted_probe(badnet_trigger, Policy()) is None
+    base = {"accept": {"ca_floor": 0.85}, "sanitize": {**NO_EVIDENCE["sanitize"], "forget_size": 200}}
+    plain = policy_from_dict(base)
+    probed = policy_from_dict({**base, "sanitize": {**base["sanitize"], "alpha": {"inverted_probe_strength": 0.5}}})
+    probe = inverted_probe(badnet_trigger, probed)
+    assert probe is not None
+    p = prepare(victim_dir, test_npz, plain, "cpu")
+    without = remove_backdoor(p.clf, p.splits, badnet_trigger, 0, plain, inverted=True)
+    with_probe = remove_backdoor(p.clf, p.splits, badnet_trigger, 0, probed, inverted=True, probe=probe)
+    assert with_probe.trigger_vector_norm == pytest.approx(without.trigger_vector_norm, rel=1e-6)
+    for split, got, other in (
+        (p.splits.val, with_probe.val_before, without.val_before),
+        (p.splits.test, with_probe.before, without.before),
+    ):
+        expected = evaluate(p.clf, split, probe, 0, seed=probed.seed).attack_success_rate
+        assert got.attack_success_rate == pytest.approx(expected)
+        assert got.attack_success_rate != pytest.approx(other.attack_success_rate)
+    assert with_probe.choice is not None
+    assert with_probe.choice.sweep[0].attack_success_rate == pytest.approx(with_probe.val_before.attack_success_rate)
