@@ -33,6 +33,7 @@ DEFENCE_LABELS = {
     "tbar-unlearn-agnostic-s13": "TBAR agnostic, the default gate of session 13 (no relative rule)",
     "tbar-unlearn-agnostic-10ep": "TBAR agnostic, the default gate whose unlearning fine-tunes run 10 epochs (default 5)",
     "tbar-unlearn-agnostic-probe2": "TBAR agnostic, the default gate measuring ASR with the inverted trigger at 2x its strength",
+    "tbar-unlearn-agnostic-s18": "TBAR agnostic, the default gate of sessions 14-18 (ASR measured with the inverted trigger at 1x)",
     "clean-ft-1x": "clean fine-tune, N = forget size",
     "clean-ft-10x": "clean fine-tune, N = 10x forget size",
     "grad-ascent": "gradient ascent on the forget set",
@@ -63,6 +64,7 @@ AGNOSTIC_TBAR = (
     "tbar-unlearn-agnostic-s13",
     "tbar-unlearn-agnostic-10ep",
     "tbar-unlearn-agnostic-probe2",
+    "tbar-unlearn-agnostic-s18",
 )
 TBAR = KNOWN_TBAR + AGNOSTIC_TBAR
 REMOVALS = (

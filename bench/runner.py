@@ -115,6 +115,7 @@ AGNOSTIC_METHODS = {
     "tbar-unlearn-agnostic-s13": "unlearn",
     "tbar-unlearn-agnostic-10ep": "unlearn",
     "tbar-unlearn-agnostic-probe2": "unlearn",
+    "tbar-unlearn-agnostic-s18": "unlearn",
 }
 # the separable additive family scored at equal effect (the amplitude at which the optimised signal sends
 # 90% of held-out images to the class); rule fixed on the development zoo (bench/zoo-dev.yaml): smallest
@@ -153,10 +154,13 @@ RELATIVE_DETECT = DEFAULT_DETECT  # the name the rule was measured under on the 
 # The default gate's re-inversion rounds' own rule (sessions 7 and 8).
 REINVERT_RULE: dict[str, Any] = {"reinvert_z_threshold": -2.5, "reinvert_area_ratio": 0.5}
 # Gates built before session 8 chose α without extending it along the inverted trigger's plateau.
-BEFORE_EXTEND: dict[str, Any] = {"alpha": {"extend_inverted": False}}
+BEFORE_EXTEND: dict[str, Any] = {"alpha": {"extend_inverted": False, "inverted_probe_strength": 1.0}}
 # The default gate's removal in sessions 8-11 (the refceil and blend099 measurements ran on it): the
 # rounds' own rule, α extended along the plateau.
-SESSION11_GATE_SANITIZE: dict[str, Any] = {"unlearn": REINVERT_RULE, "alpha": {"extend_inverted": True}}
+SESSION11_GATE_SANITIZE: dict[str, Any] = {
+    "unlearn": REINVERT_RULE,
+    "alpha": {"extend_inverted": True, "inverted_probe_strength": 1.0},  # probe 1x: every gate before session 19
+}
 # Since session 12 also a companion blend below 0.99 x the median joins on trial (dropped when the removal
 # with it misses the policy).
 SESSION12_GATE_SANITIZE: dict[str, Any] = {
@@ -166,10 +170,15 @@ SESSION12_GATE_SANITIZE: dict[str, Any] = {
 # Since session 13 the α search goes on past a zero-ASR α while the extension could take the next one
 # (sanitize.alpha.extend_past_zero; before, the coarse search stopped there). The variants above and below
 # that name SESSION11/SESSION12 settings were measured before the option existed (their records: stopped).
-DEFAULT_GATE_SANITIZE: dict[str, Any] = {
+# Until session 18 the gate measured ASR with the inverted trigger as inverted (inverted_probe_strength 1);
+# the variants measured then keep it, spelled out, since the policy's default moved to 2 in session 19.
+SESSION18_GATE_SANITIZE: dict[str, Any] = {
     **SESSION12_GATE_SANITIZE,
-    "alpha": {"extend_inverted": True, "extend_past_zero": True},
+    "alpha": {"extend_inverted": True, "extend_past_zero": True, "inverted_probe_strength": 1.0},
 }
+DEFAULT_GATE_SANITIZE: dict[str, Any] = _deep_update(
+    SESSION18_GATE_SANITIZE, {"alpha": {"inverted_probe_strength": 2.0}}
+)
 # Session 13, opt-in: a scan decided by the additive family is hardened too (its signal and the companion blend).
 ADDITIVE_HARDENED: dict[str, Any] = {
     **SESSION12_GATE_SANITIZE,
@@ -261,7 +270,7 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # the default gate of session 13 (no relative rule), to pair with the default on the same zoo
     "tbar-unlearn-agnostic-s13": {
         "detect": {"differential": SESSION13_DETECT},
-        "sanitize": DEFAULT_GATE_SANITIZE,
+        "sanitize": SESSION18_GATE_SANITIZE,
     },
     # session 17, measurement: the default gate whose unlearning fine-tune (every one: the first removal and
     # each re-inversion round's) runs 10 epochs instead of finetune.epochs' 5 - the known trigger's session-16
@@ -271,7 +280,7 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # re-emergence <= 10% on at least as many, and no gate (scan + removal) over 300 s.
     "tbar-unlearn-agnostic-10ep": {
         "detect": {"differential": DEFAULT_DETECT},
-        "sanitize": _deep_update(DEFAULT_GATE_SANITIZE, {"finetune": {"epochs": 10}}),
+        "sanitize": _deep_update(SESSION18_GATE_SANITIZE, {"finetune": {"epochs": 10}}),
     },
     # session 18, measurement: the default gate whose alpha search and verdict measure ASR with the inverted
     # trigger at 2x its strength (sanitize.alpha.inverted_probe_strength 2; the forget set keeps 1x): session
@@ -281,7 +290,13 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # many, no gate over 300 s).
     "tbar-unlearn-agnostic-probe2": {
         "detect": {"differential": DEFAULT_DETECT},
-        "sanitize": _deep_update(DEFAULT_GATE_SANITIZE, {"alpha": {"inverted_probe_strength": 2.0}}),
+        "sanitize": _deep_update(SESSION18_GATE_SANITIZE, {"alpha": {"inverted_probe_strength": 2.0}}),
+    },
+    # the default gate of sessions 14-18 (probe 1x): adopted in session 19 after the timing rerun, so
+    # tbar-unlearn-agnostic is -probe2 since and this keeps the previous default measurable
+    "tbar-unlearn-agnostic-s18": {
+        "detect": {"differential": DEFAULT_DETECT},
+        "sanitize": SESSION18_GATE_SANITIZE,
     },
 }
 KNOWN = tuple(KNOWN_METHODS)

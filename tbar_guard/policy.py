@@ -62,8 +62,9 @@ class AlphaPolicy(_Section):
     # gate (inverted trigger) only: the α search and the verdict measure ASR with the inverted trigger at this
     # factor of its strength (Trigger.scaled: mask opacity, additive amplitude); the forget set keeps it at 1.
     # An inversion finds the *weakest* trigger that opens the backdoor, whose ASR floors at a smaller α than
-    # the real trigger's (session 17); a stronger probe floors later. 1.0 = the trigger as inverted
-    inverted_probe_strength: float = Field(1.0, gt=0, le=4)
+    # the real trigger's (session 17); a stronger probe floors later. 1.0 = the trigger as inverted; 2.0 the
+    # default since session 19 (measured on the development zoo: README "Session 18")
+    inverted_probe_strength: float = Field(2.0, gt=0, le=4)
 
     @model_validator(mode="after")
     def _range_not_empty(self) -> AlphaPolicy:
@@ -353,7 +354,7 @@ sanitize:
                            # fine-tune brings back (re-emergence); see README "How removal works"
     known_asr_tolerance: 0.0  # a known trigger's asr_tolerance (null: asr_tolerance); 0 = the strict lowest
                            # validation ASR within the CA floor (since session 16, with unlearn.known_epochs 10)
-    inverted_probe_strength: 1.0  # gate only: the alpha search and the verdict measure ASR with the inverted
+    inverted_probe_strength: 2.0  # gate only: the alpha search and the verdict measure ASR with the inverted
                            # trigger at this factor of its strength (the forget set keeps it at 1): an inversion
                            # finds the weakest trigger that works, whose ASR floors before the real one's
   reemergence:           # after a removal: fine-tune the sanitized model on clean images, measure ASR again

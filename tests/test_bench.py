@@ -248,17 +248,26 @@ def test_the_default_gate_defence_spells_out_the_product_default() -> None:
     # the opt-in verdict ceiling at the reference's rate: the default gate but for that one option
     refceil = policy_from_dict(AGNOSTIC_EXTRA["tbar-unlearn-agnostic-refceil"])
     assert refceil.accept.reference_rate_ceiling and not Policy().accept.reference_rate_ceiling
-    assert refceil.sanitize == spelled.sanitize
+    # the variants measured before session 19 keep the inverted-trigger probe at 1x (the default is 2x since)
+    assert spelled.sanitize.alpha.inverted_probe_strength == 2.0
+    before_19 = spelled.sanitize.model_copy(
+        update={"alpha": spelled.sanitize.alpha.model_copy(update={"inverted_probe_strength": 1.0})}
+    )
+    assert refceil.sanitize == before_19
     # session 14's relative rule is the default; the variants measured before it spell it off, and the
     # session-13 gate differs from the default by that one option
     assert spelled.detect.differential.additive.relative_ratio == 0.2
     assert refceil.detect.differential.additive.relative_ratio is None
     s13 = policy_from_dict(AGNOSTIC_EXTRA["tbar-unlearn-agnostic-s13"])
-    assert s13.detect.differential.additive.relative_ratio is None and s13.sanitize == spelled.sanitize
+    assert s13.detect.differential.additive.relative_ratio is None and s13.sanitize == before_19
     s13_additive = s13.detect.differential.additive.model_dump() | {"relative_ratio": 0.2}
     assert s13_additive == spelled.detect.differential.additive.model_dump()
     relative = policy_from_dict(AGNOSTIC_EXTRA["tbar-unlearn-agnostic-relative"])
     assert (relative.detect, relative.sanitize) == (spelled.detect, spelled.sanitize)
+    previous = policy_from_dict(AGNOSTIC_EXTRA["tbar-unlearn-agnostic-s18"])
+    assert (previous.detect, previous.sanitize) == (spelled.detect, before_19)
+    probe2 = policy_from_dict(AGNOSTIC_EXTRA["tbar-unlearn-agnostic-probe2"])
+    assert (probe2.detect, probe2.sanitize) == (spelled.detect, spelled.sanitize)
     older = policy_from_dict(AGNOSTIC_EXTRA["tbar-unlearn-agnostic-signal"])
     assert older.detect.differential != Policy().detect.differential  # session 6's rule: not the default
 

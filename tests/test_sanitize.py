@@ -684,12 +684,14 @@ def test_inverted_probe_measures_asr_with_the_scaled_trigger_and_leaves_the_forg
 ) -> None:
     """``sanitize.alpha.inverted_probe_strength``: a removal with a probe learns τ on the forget set of the
     trigger itself (the same τ as without the probe) while every ASR it reports, chooses α on and judges
-    is the scaled trigger's. At the default 1.0 there is no probe. (Half strength here: the session
-    trigger is an opaque patch, and a mask's opacity is clamped at 1, so only a weaker probe differs.)"""
-    assert Policy().sanitize.alpha.inverted_probe_strength == 1.0
-    assert inverted_probe(badnet_trigger, Policy()) is None
+    is the scaled trigger's. At 1.0 there is no probe; the default (2.0 since session 19) has one. (Half
+    strength here: the session trigger is an opaque patch, and a mask's opacity is clamped at 1, so only a
+    weaker probe differs.)"""
+    assert Policy().sanitize.alpha.inverted_probe_strength == 2.0
+    assert inverted_probe(badnet_trigger, Policy()) is not None
     base = {"accept": {"ca_floor": 0.85}, "sanitize": {**NO_EVIDENCE["sanitize"], "forget_size": 200}}
-    plain = policy_from_dict(base)
+    plain = policy_from_dict({**base, "sanitize": {**base["sanitize"], "alpha": {"inverted_probe_strength": 1.0}}})
+    assert inverted_probe(badnet_trigger, plain) is None
     probed = policy_from_dict({**base, "sanitize": {**base["sanitize"], "alpha": {"inverted_probe_strength": 0.5}}})
     probe = inverted_probe(badnet_trigger, probed)
     assert probe is not None
