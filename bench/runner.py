@@ -290,7 +290,7 @@ AGNOSTIC_EXTRA: dict[str, dict[str, Any]] = {
     # many, no gate over 300 s).
     "tbar-unlearn-agnostic-probe2": {
         "detect": {"differential": DEFAULT_DETECT},
-        "sanitize": _deep_update(SESSION18_GATE_SANITIZE, {"alpha": {"inverted_probe_strength": 2.0}}),
+        "sanitize": DEFAULT_GATE_SANITIZE,  # the default since session 19: this is its measurement name
     },
     # the default gate of sessions 14-18 (probe 1x): adopted in session 19 after the timing rerun, so
     # tbar-unlearn-agnostic is -probe2 since and this keeps the previous default measurable

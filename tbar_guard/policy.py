@@ -63,7 +63,7 @@ class AlphaPolicy(_Section):
     # factor of its strength (Trigger.scaled: mask opacity, additive amplitude); the forget set keeps it at 1.
     # An inversion finds the *weakest* trigger that opens the backdoor, whose ASR floors at a smaller α than
     # the real trigger's (session 17); a stronger probe floors later. 1.0 = the trigger as inverted; 2.0 the
-    # default since session 19 (measured on the development zoo: README "Session 18")
+    # default since session 19 (measured on the development zoo: README "Sessions 18–19")
     inverted_probe_strength: float = Field(2.0, gt=0, le=4)
 
     @model_validator(mode="after")
